@@ -13,7 +13,8 @@ Per step (DESIGN.md, "Alignment tuning"; Shen et al. 2024):
      (`--align-loss kl`: KL between the batch-mean probability and r.)
   3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))).
 Missing prerequisites (diffusion.pt, classifier.pt) are trained first. Writes <run>/aligned.pt (EMA of the
-tuned weights, adapters merged: it loads like diffusion.pt, e.g. `python sample.py --model aligned`).
+tuned weights, adapters merged: it loads like diffusion.pt, e.g. `python sample.py --model aligned`), then
+the before/after report (`minimedi/evaluate.py`: report.md, report.json, fairness.png; --no-report skips it).
 """
 import copy
 import os
@@ -22,16 +23,17 @@ import torch
 from tqdm import tqdm
 
 import train
-from minimedi import diffusion, fairness, training
+from minimedi import diffusion, evaluate, fairness, training
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
-from minimedi.classifier import SubgroupClassifier
-from minimedi.config import config_from_dict, config_to_dict, parse_config
+from minimedi.classifier import load_classifier
+from minimedi.config import config_to_dict, parse_config
 from minimedi.data.captions import tuning_prompts
 from minimedi.errors import UserError, run_main
 from minimedi.lora import inject_lora, merge_lora
 from minimedi.pipeline import load_generator
+from minimedi.report import write_report
 
-SECTIONS = ("run", "align")
+SECTIONS = ("run", "align", "eval")
 
 
 def prerequisites(cfg, d):
@@ -43,14 +45,11 @@ def prerequisites(cfg, d):
     if not os.path.exists(path):
         print(f"{path} not found: training the subgroup classifier first (python train.py --task classifier)")
         train.train_subgroup_classifier(cfg, d)
-    ckpt = load_checkpoint(path)
+    classifier, ckpt = load_classifier(path, d.device)
     classes = ckpt["classes"]
     if classes != ["male", "female"]:
         raise UserError(f"{path} classifies {classes}; align.py tunes the sex axis (retrain with --subgroup sex)")
-    width = config_from_dict(ckpt["config"]).classifier.cls_width
-    classifier = SubgroupClassifier(len(classes), width)
-    classifier.load_state_dict(ckpt["model"])
-    return classifier.to(d.device).eval().requires_grad_(False), ckpt["target_shares"][1]
+    return classifier, ckpt["target_shares"][1]
 
 
 def alignment_loss(cfg, classifier, images, target_female):
@@ -101,13 +100,16 @@ def main(argv=None):
         ids = torch.randint(len(prompts), (a.align_batch,), generator=g)
         states, mask, pooled = encoder.encode([prompts[i] for i in ids])
         noise = torch.randn((a.align_batch, 1, size, size), generator=g).to(d.device)
+        grad_steps = fairness.random_grad_steps(a.align_ddim_steps, a.align_grad_steps, g)
         x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.align_guidance,
-                                                   prediction)
-        x_teacher = fairness.sample_ddim_teacher(teacher, noise, log_snrs, states, mask, pooled, a.align_guidance,
-                                                 prediction)
+                                                   prediction, checkpoint=a.align_checkpoint, grad_steps=grad_steps)
         align, stats = alignment_loss(cfg, classifier, x_student, target_female)
-        clip = fairness.clip_consistency_loss(encoder.clip, x_student, x_teacher)
-        loss = align + a.lambda_clip * clip
+        loss, clip = align, torch.zeros(())
+        if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
+            x_teacher = fairness.sample_ddim_teacher(teacher, noise, log_snrs, states, mask, pooled,
+                                                     a.align_guidance, prediction)
+            clip = fairness.clip_consistency_loss(encoder.clip, x_student, x_teacher)
+            loss = align + a.lambda_clip * clip
         training.check_finite(loss, step, path)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,7 +125,11 @@ def main(argv=None):
                            "ema_state": ema.state_dict(), "optimizer": opt.state_dict(), "rng": g.get_state(),
                            "step": a.align_steps, "config": base["config"], "text": base["text"],
                            "align": config_to_dict(cfg)["align"], "target_female": target_female})
-    print(f"saved {path}; evaluate with: python -m minimedi.evaluate --run {cfg.run_dir} --model aligned")
+    print(f"saved {path}")
+    if a.report:
+        report, images = evaluate.fairness_report(cfg, d.device)
+        for written in write_report(cfg.run_dir, report, images):
+            print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minimedi.checkpoint import load_checkpoint
 from minimedi.errors import UserError
 
 SUBGROUP_CLASSES = {
@@ -81,22 +82,50 @@ class ResidualBlock(nn.Module):
         return F.silu(self.shortcut(x) + self.norm2(self.conv2(h)))
 
 
-class SubgroupClassifier(nn.Module):
-    """Slices [N, 1, H, W] in [-1, 1] -> logits [N, K]: a stem, three residual stages (width w, 2w, 4w,
-    each halving the side), global average pooling and a linear head. `temperature` is a buffer, so it
-    is saved with the weights; `predict_proba` applies it."""
+def vgg_stages(in_channels, width):
+    """The alternative trunk: stages of (conv3x3-BN-ReLU) x 2 at widths w, 2w, 4w, 4w with 2x2 max-pooling
+    between them and no shortcuts (Simonyan & Zisserman 2015, with batch norm). Not used for tuning: it is
+    the architecture of the independent check classifier, so agreement between the two is not shared
+    inductive bias."""
+    layers, dim = [], in_channels
+    for i, out in enumerate((width, 2 * width, 4 * width, 4 * width)):
+        if i > 0:
+            layers.append(nn.MaxPool2d(2))
+        for _ in range(2):
+            layers += [nn.Conv2d(dim, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            dim = out
+    return nn.Sequential(*layers)
 
-    def __init__(self, num_classes=2, width=32, in_channels=1):
+
+ARCHITECTURES = ("resnet", "vgg")
+
+
+class SubgroupClassifier(nn.Module):
+    """Slices [N, 1, H, W] in [-1, 1] -> logits [N, K]. arch "resnet": a stem, three residual stages
+    (width w, 2w, 4w, each halving the side); "vgg": `vgg_stages`. Then global average pooling and a
+    linear head. `temperature` is a buffer, so it is saved with the weights; `predict_proba` applies it."""
+
+    def __init__(self, num_classes=2, width=32, in_channels=1, arch="resnet"):
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.stages = nn.Sequential(ResidualBlock(width, width, 1), ResidualBlock(width, 2 * width, 2),
-                                    ResidualBlock(2 * width, 4 * width, 2), ResidualBlock(4 * width, 4 * width, 2))
+        if arch not in ARCHITECTURES:
+            raise UserError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if arch == "resnet":
+            self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+            self.stages = nn.Sequential(ResidualBlock(width, width, 1), ResidualBlock(width, 2 * width, 2),
+                                        ResidualBlock(2 * width, 4 * width, 2),
+                                        ResidualBlock(4 * width, 4 * width, 2))
+        else:
+            self.stem, self.stages = nn.Identity(), vgg_stages(in_channels, width)
         self.head = nn.Linear(4 * width, num_classes)
         self.register_buffer("temperature", torch.ones(()))
 
+    def features(self, x):
+        """The pooled trunk output [N, 4w] that the head reads."""
+        return self.stages(self.stem(x)).mean(dim=(2, 3))
+
     def forward(self, x):
         """Uncalibrated logits [N, K]."""
-        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
+        return self.head(self.features(x))
 
     def predict_proba(self, x):
         """Calibrated class probabilities softmax(logits / T) [N, K]."""
@@ -186,7 +215,7 @@ def train_classifier(images, labels, cfg, device="cpu", log=None, generator=None
     n_val = max(1, round(cfg.cls_holdout * len(images)))
     val, train = order[:n_val], order[n_val:]
 
-    model = SubgroupClassifier(num_classes, cfg.cls_width, images.shape[1]).to(device)
+    model = SubgroupClassifier(num_classes, cfg.cls_width, images.shape[1], cfg.cls_arch).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.cls_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.cls_steps))
     model.train()
@@ -208,3 +237,12 @@ def train_classifier(images, labels, cfg, device="cpu", log=None, generator=None
     metrics = {"temperature": temperature, "n_heldout": n_val, **{f"{k}_uncalibrated": v for k, v in before.items()},
                **after}
     return model.eval(), metrics
+
+
+def load_classifier(path, device="cpu"):
+    """(classifier in eval mode with its temperature, checkpoint dict) from a `classifier.pt`-style file."""
+    ckpt = load_checkpoint(path)
+    c = ckpt["config"]["classifier"]
+    model = SubgroupClassifier(len(ckpt["classes"]), c["cls_width"], arch=c.get("cls_arch", "resnet"))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval().requires_grad_(False), ckpt

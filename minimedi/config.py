@@ -100,8 +100,9 @@ class TrainConfig:
 @dataclass
 class ClassifierConfig:
     subgroup: str = opt("sex", "subgroup axis", choices=("sex", "age", "sex_age"))
+    cls_arch: str = opt("resnet", "classifier architecture", choices=("resnet", "vgg"))
     cls_width: int = opt(32, "classifier base width")
-    cls_steps: int = opt(1500, "classifier training steps")
+    cls_steps: int = opt(600, "classifier training steps")
     cls_batch: int = opt(128, "classifier batch size")
     cls_lr: float = opt(1e-3, "classifier learning rate")
     cls_holdout: float = opt(0.2, "share of the target images held out for calibration and metrics")
@@ -112,15 +113,18 @@ class AlignConfig:
     lambda_clip: float = opt(0.5, "weight of the CLIP-consistency (distillation) loss")
     target_female: typing.Optional[float] = opt(None, "target female share (default: the target corpus')")
     align_loss: str = opt("dal", "alignment loss", choices=("dal", "kl"))
-    align_steps: int = opt(300, "alignment tuning steps")
-    align_batch: int = opt(24, "images generated per step")
-    align_lr: float = opt(5e-5, "alignment learning rate")
-    align_ddim_steps: int = opt(20, "DDIM steps in the differentiable sampler")
+    align_steps: int = opt(120, "alignment tuning steps")
+    align_batch: int = opt(16, "images generated per step")
+    align_lr: float = opt(1e-3, "alignment learning rate")
+    align_ddim_steps: int = opt(10, "DDIM steps in the differentiable sampler")
+    align_grad_steps: int = opt(3, "of those, how many (a random subset per step) carry gradient; 0 = all")
+    align_checkpoint: bool = opt(False, "gradient checkpointing of the UNet calls (memory flat in the steps)")
     align_guidance: float = opt(3.0, "classifier-free guidance scale while tuning")
     uncertainty: float = opt(0.2, "drop assignments whose binomial uncertainty exceeds this")
     lora_rank: int = opt(8, "LoRA rank")
     full: bool = opt(False, "tune the whole UNet instead of LoRA adapters")
-    align_ema: float = opt(0.996, "EMA decay of the tuned weights")
+    align_ema: float = opt(0.95, "EMA decay of the tuned weights")
+    report: bool = opt(True, "when done, write the before/after fairness report (python -m minimedi.evaluate)")
 
 
 @dataclass
@@ -177,7 +181,8 @@ PRESETS = {
         "train": {"steps": 20, "batch_size": 8, "warmup": 5, "log_every": 5, "sample_every": 0,
                   "ckpt_every": 10},
         "classifier": {"cls_width": 8, "cls_steps": 20, "cls_batch": 32},
-        "align": {"align_steps": 4, "align_batch": 4, "align_ddim_steps": 4, "lora_rank": 2},
+        "align": {"align_steps": 4, "align_batch": 4, "align_ddim_steps": 4, "align_grad_steps": 2, "lora_rank": 2,
+                  "report": False},
         "sample": {"n": 2, "sample_steps": 4},
         "eval": {"eval_n": 1, "eval_steps": 2, "probe_steps": 10},
     },
@@ -193,7 +198,9 @@ PRESETS = {
         "train": {"steps": 200000, "batch_size": 256, "lr": 1e-4, "warmup": 2000, "ema_decay": 0.9999,
                   "sample_every": 5000, "ckpt_every": 2000},
         "classifier": {"cls_width": 64, "cls_steps": 10000},
-        "align": {"align_steps": 2000, "lora_rank": 50},
+        "align": {"align_steps": 2000, "align_batch": 24, "align_lr": 1e-4, "align_ema": 0.995, "align_ddim_steps": 20,
+                  "align_grad_steps": 0, "align_checkpoint": True,
+                  "lora_rank": 50},
     },
 }
 

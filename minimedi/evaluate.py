@@ -1,11 +1,17 @@
-"""Evaluation: what a trained model can be shown to know.
+"""Evaluation: what a trained model can be shown to know, and the before/after fairness report.
 
 `zero_shot_accuracy`: CLIP zero-shot classification of held-out phantom images by modality and by tumour
 side. Each class is the average normalised text embedding of many captions that state the class and
 vary everything else (Radford et al. 2021, sec. 3.1.4, prompt ensembling); the captions come from the
 corpus grammar with sex and age never mentioned.
+
+`fairness_report` (`python -m minimedi.evaluate --run DIR`): images for the held-out prompts from the base
+model and the aligned one, with the same noise, judged by three networks that play different roles: the
+tuning classifier (`classifier.pt`, what alignment optimised), an independent check classifier (other
+architecture and seed, never seen by tuning), and the attribute probe (`minimedi.probe`, trained on real
+pretraining-like slices), whose features are the space of the domain FID. `minimedi.report` writes it up.
 """
-import json
+import dataclasses
 import os
 import time
 
@@ -14,16 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from minimedi import diffusion
-from minimedi.atomic import atomic_path
-from minimedi.checkpoint import load_checkpoint, save_checkpoint
-from minimedi.classifier import SubgroupClassifier
+from minimedi.checkpoint import save_checkpoint
+from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
 from minimedi.clip import preprocess
 from minimedi.config import parse_config
 from minimedi.data.captions import LOBES, MODALITIES, SIDES, SIZES, caption, evaluation_prompts
+from minimedi.data.load import load_pretraining_data, load_target_data
 from minimedi.data.phantom import PhantomCorpus
 from minimedi.errors import run_main
-from minimedi.imageio import save_grid
+from minimedi.metrics import clip_score, fid, nearest_neighbour_distance
 from minimedi.pipeline import load_generator
+from minimedi.probe import load_or_train_probe, probe_features, probe_predictions, readback
+from minimedi.report import write_report
+from minimedi.tokenizer import Tokenizer
 from minimedi.training import resolve_device
 
 
@@ -73,76 +82,34 @@ def zero_shot_accuracy(clip, tokenizer, images, attributes, batch_size=256):
     return accuracy
 
 
-# ---- the attribute probe: what a generated image shows -------------------------------------------------
+# ---- the fairness report: base model against aligned model ---------------------------------------------
 
-PROBE_HEADS = {"modality": ("t1", "t1ce", "t2", "flair"), "side": ("none", "left", "right"),
-               "lobe": ("none", "frontal", "temporal", "parietal", "occipital"), "sex": ("male", "female")}
-
-
-def probe_targets(attributes):
-    """{head: LongTensor [N]} class indices of each attribute head."""
-    return {h: torch.tensor([names.index(a[h]) for a in attributes]) for h, names in PROBE_HEADS.items()}
-
-
-def split_heads(logits):
-    """Probe logits [N, sum of heads] -> {head: logits [N, classes]}."""
-    sizes = [len(names) for names in PROBE_HEADS.values()]
-    return dict(zip(PROBE_HEADS, logits.split(sizes, dim=-1)))
-
-
-def train_probe(size, steps=800, batch=128, n=12000, seed=1234, device="cpu", width=16):
-    """A CNN that reads modality, tumour side, lobe and sex off *real* phantom slices (a fresh corpus,
-    sexes balanced so its sex read-out has no prior). Trained without flips: flips swap the side."""
-    corpus = PhantomCorpus(n, size, p_female=0.5, seed=seed, kind="pretrain")
-    images = corpus.images()
-    targets = probe_targets([corpus.attributes(i) for i in range(n)])
-    probe = SubgroupClassifier(sum(len(v) for v in PROBE_HEADS.values()), width).to(device)
-    opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        ids = torch.randint(n, (batch,), generator=g)
-        noise = 0.03 * torch.randn(images[ids].shape, generator=g)
-        logits = split_heads(probe((images[ids] + noise).to(device)))
-        loss = sum(F.cross_entropy(logits[h], targets[h][ids].to(device)) for h in PROBE_HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return probe.eval()
+def load_check_classifier(cfg, data_cfg, device):
+    """The independent sex classifier of a run: the other architecture (vgg) and another seed, trained on
+    the same target images, never used in tuning. If the aligned model only fooled the tuning classifier,
+    this one would not see the change. Cached as <run>/sex_check.pt."""
+    path = os.path.join(cfg.run_dir, "sex_check.pt")
+    if not os.path.exists(path):
+        print(f"training the independent sex classifier (vgg, seed {cfg.run.seed + 1}) -> {path}")
+        c = dataclasses.replace(cfg.classifier, subgroup="sex", cls_arch="vgg")
+        images, _, attributes = load_target_data(data_cfg)
+        torch.manual_seed(cfg.run.seed + 1)
+        model, metrics = train_classifier(images.float(), subgroup_labels(attributes, "sex"), c, device, generator=torch.Generator().manual_seed(
+            cfg.run.seed + 1))
+        save_checkpoint(path, {"model": model.state_dict(), "config": {"classifier": dataclasses.asdict(c)},
+                               "classes": ["male", "female"], "metrics": metrics})
+    return load_classifier(path, device)
 
 
-@torch.no_grad()
-def probe_predictions(probe, images, batch_size=256):
-    """{head: predicted class names [N]} for images [N, 1, H, W] in [-1, 1]."""
-    device = next(probe.parameters()).device
-    logits = torch.cat([probe(x.to(device).float()) for x in images.split(batch_size)])
-    return {h: [PROBE_HEADS[h][i] for i in lg.argmax(-1).tolist()] for h, lg in split_heads(logits).items()}
-
-
-def readback(predictions, prompted):
-    """Text fidelity: the share of images whose probed modality / side / lobe is the prompted one, and the
-    female fraction the probe reads."""
-    out = {h: sum(p == a[h] for p, a in zip(predictions[h], prompted)) / len(prompted)
-           for h in ("modality", "side", "lobe")}
-    out["female_fraction"] = sum(s == "female" for s in predictions["sex"]) / len(prompted)
-    return out
-
-
-# ---- the report -----------------------------------------------------------------------------------------
-
-def load_or_train_probe(run_dir, size, device, steps=800):
-    """The attribute probe of a run, trained once on real phantom slices and cached as <run>/probe.pt."""
-    path = os.path.join(run_dir, "probe.pt")
-    if os.path.exists(path):
-        ckpt = load_checkpoint(path)
-        probe = SubgroupClassifier(sum(len(v) for v in PROBE_HEADS.values()), ckpt["width"])
-        probe.load_state_dict(ckpt["model"])
-        return probe.to(device).eval()
-    print(f"training the attribute probe on real phantom slices -> {path}")
-    probe = train_probe(size, steps=steps, device=device)
-    save_checkpoint(path, {"model": probe.state_dict(), "width": probe.stem.out_channels, "size": size})
-    return probe
+def reference_images(cfg, n=1024):
+    """(images, sex labels [N], captions) of real target images: a fresh phantom target corpus (another seed
+    than the one the classifiers learned from), or the `--target` data itself."""
+    if cfg.data.target == "phantom":
+        corpus = PhantomCorpus(n, cfg.data.image_size, cfg.data.target_corpus_female, cfg.data.data_seed + 1, "target")
+        attributes = [corpus.attributes(i) for i in range(n)]
+        return corpus.images(), subgroup_labels(attributes, "sex"), [a["caption"] for a in attributes]
+    images, captions, attributes = load_target_data(cfg.data)
+    return images.float()[:n], subgroup_labels(attributes[:n], "sex"), list(captions[:n])
 
 
 def generate(unet, encoder, cfg, prompts, n_per_prompt, steps, guidance, seed, device):
@@ -161,35 +128,90 @@ def generate(unet, encoder, cfg, prompts, n_per_prompt, steps, guidance, seed, d
     return torch.cat(images)
 
 
-def fidelity_report(run_dir, which="diffusion", n_per_prompt=4, steps=50, guidance=3.0, seed=0, device="cpu",
-                    probe_steps=800):
-    """Text fidelity and the probed female fraction of a model on the held-out evaluation prompts."""
-    unet, encoder, cfg = load_generator(run_dir, which, device)
+@torch.no_grad()
+def p_female(classifier, images, batch_size=256):
+    """Calibrated p(female) [N] (CPU) of a sex classifier."""
+    device = next(classifier.parameters()).device
+    return torch.cat([classifier.predict_proba(x.to(device))[:, 1].cpu() for x in images.split(batch_size)])
+
+
+def subgroup_fid(features, is_female, reference_features, reference_female):
+    """FID of each sex's images (as the tuning classifier reads them) against that sex's real images."""
+    out = {}
+    for name, mine, theirs in (("female", is_female, reference_female), ("male", ~is_female, ~reference_female)):
+        out[f"fid_{name}"] = fid(features[mine], reference_features[theirs]) if mine.sum() >= 2 else None
+    return out
+
+
+def judge(images, texts, prompted, judges):
+    """Everything the report says about one set of generated images (see `fairness_report`)."""
+    p = p_female(judges["classifier"], images)
+    features = probe_features(judges["probe"], images)
+    fidelity = readback(probe_predictions(judges["probe"], images), prompted)
+    distance, _ = nearest_neighbour_distance(images, judges["training"])
+    out = {"female_fraction": float((p > 0.5).float().mean()), "mean_p_female": float(p.mean()),
+           "female_fraction_check": float((p_female(judges["check"], images) > 0.5).float().mean()),
+           "female_fraction_probe": fidelity.pop("female_fraction"), **fidelity,
+           "domain_fid": fid(features, judges["reference_features"]),
+           **subgroup_fid(features, p > 0.5, judges["reference_features"], judges["reference_labels"] == 1),
+           "clip_score": clip_score(judges["clip"], images, judges["tokenizer"](texts, truncate=True))[0],
+           "nn_distance": float(distance.mean())}
+    return out
+
+
+def fairness_report(cfg, device):
+    """(report dict, {model: images}) for the base model and, when <run>/aligned.pt exists, the aligned one:
+    M = eval_n images for each of the 64 held-out prompts, the same noise for both models.
+
+    Per model: the female fraction read by the tuning classifier (p > 0.5) and by the independent check
+    classifier; text fidelity (modality, side, lobe) read by the attribute probe; domain FID in the probe's
+    feature space against real target images, and per subgroup; CLIP score; the mean RMS distance to the
+    nearest training image. The same numbers for real target images are the reference row."""
+    run = cfg.run_dir
+    classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), device)
+    target = ckpt["target_shares"][1]
+    base_cfg = load_generator(run, "diffusion", device)[2]
+    models = ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
+    reference, labels, captions = reference_images(base_cfg)
+    check, check_ckpt = load_check_classifier(cfg, base_cfg.data, device)
+    probe = load_or_train_probe(run, base_cfg.data.image_size, device, cfg.eval.probe_steps)
+    judges = {"classifier": classifier, "check": check, "probe": probe, "tokenizer": Tokenizer(),
+              "training": load_pretraining_data(base_cfg.data)[0], "reference_labels": labels,
+              "reference_features": probe_features(probe, reference)}
     prompts = evaluation_prompts()
-    start = time.time()
-    images = generate(unet, encoder, cfg, [p["prompt"] for p in prompts], n_per_prompt, steps, guidance, seed,
-                      device)
-    seconds = time.time() - start
-    prompted = [p for p in prompts for _ in range(n_per_prompt)]
-    probe = load_or_train_probe(run_dir, cfg.data.image_size, device, probe_steps)
-    report = readback(probe_predictions(probe, images), prompted)
-    report.update(images=len(images), seconds_per_image=seconds / len(images), sampler="ddim", steps=steps,
-                  guidance=guidance)
+    texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.eval_n)]
+    prompted = [p for p in prompts for _ in range(cfg.eval.eval_n)]
+    report = {"target_female": target, "images_per_model": len(texts), "steps": cfg.eval.eval_steps,
+              "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "models": {},
+              "classifier_heldout_accuracy": ckpt["metrics"]["accuracy"],
+              "check_classifier_heldout_accuracy": check_ckpt["metrics"]["accuracy"]}
+    images = {}
+    for which in models:
+        unet, encoder, model_cfg = load_generator(run, which, device)
+        judges["clip"] = encoder.clip
+        start = time.time()
+        images[which] = generate(unet, encoder, model_cfg, [p["prompt"] for p in prompts], cfg.eval.eval_n,
+                                 cfg.eval.eval_steps, cfg.sample.guidance, cfg.run.seed, device)
+        seconds = time.time() - start
+        report["models"][which] = {**judge(images[which], texts, prompted, judges),
+                                   "seconds_per_image": seconds / len(texts)}
+        report["models"][which]["female_gap"] = abs(report["models"][which]["female_fraction"] - target)
+    report["real_target"] = {"true_female_fraction": float(labels.float().mean()),
+                             "female_fraction": float((p_female(classifier, reference) > 0.5).float().mean()),
+                             "female_fraction_check": float((p_female(check, reference) > 0.5).float().mean()),
+                             "clip_score": clip_score(judges["clip"], reference, judges["tokenizer"](
+                                 captions, truncate=True))[0],
+                             "nn_distance": float(nearest_neighbour_distance(reference, judges["training"])[0].mean())}
     return report, images
 
 
 def main(argv=None):
-    cfg = parse_config(argv, ("run", "sample", "eval"), description="fidelity report of a trained run")
+    cfg = parse_config(argv, ("run", "sample", "eval", "classifier"),
+                       description="the before/after fairness report of a run: python -m minimedi.evaluate --run DIR")
     device = resolve_device(cfg.run.device)
-    report, images = fidelity_report(cfg.run_dir, cfg.sample.model, cfg.eval.eval_n, cfg.eval.eval_steps,
-                                     cfg.sample.guidance, cfg.run.seed, device, cfg.eval.probe_steps)
-    save_grid(images[::max(1, len(images) // 64)][:64], os.path.join(cfg.run_dir, "samples", "evaluation.png"),
-              nrow=8, scale=2)
-    path = os.path.join(cfg.run_dir, f"fidelity_{cfg.sample.model}.json")
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    report, images = fairness_report(cfg, device)
+    for path in write_report(cfg.run_dir, report, images):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

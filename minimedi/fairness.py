@@ -239,7 +239,7 @@ def guided_unet(unet, x, log_snr, tokens2, mask2, pooled2, drop, guidance):
 
 
 def sample_ddim_with_grad(unet, x, log_snrs, text_tokens, text_mask, text_pooled, guidance=1.0,
-                          prediction="v", rescale=True, checkpoint=True):
+                          prediction="v", rescale=True, checkpoint=True, grad_steps=None):
     """Deterministic DDIM from x along `log_snrs`, differentiable w.r.t. the UNet's trainable weights.
 
     Forward values equal `sample_ddim(make_denoiser(..., threshold=0), x, log_snrs)` exactly (no dynamic
@@ -259,20 +259,39 @@ def sample_ddim_with_grad(unet, x, log_snrs, text_tokens, text_mask, text_pooled
       alpha ~ 5e-5 to reach x0), where without it one step would swamp the others.
     * checkpoint=True wraps each UNet call in `torch.utils.checkpoint`: only the step's inputs are kept
       and the activations are recomputed in backward, so memory is flat in K.
+    * grad_steps (a set of step indices, None = all K): only these steps' predictions carry gradient; the
+      others run without autograd. Backward then costs |S| UNet calls instead of K. With the rescaling
+      the gradient is 1/|S| sum_{i in S} instead of 1/K sum_i of the per-step terms: a Monte-Carlo estimate
+      of the full one, unbiased when S is a uniform random subset (`random_grad_steps`). Unlike truncating
+      to the last steps, the early, low-SNR steps that decide global anatomy (head size) keep their share.
     """
-    b = x.shape[0]
+    b, k = x.shape[0], len(log_snrs) - 1
+    grad_steps = set(range(k)) if grad_steps is None else set(grad_steps)
     drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
     tokens2, mask2, pooled2 = (torch.cat([t, t]) for t in (text_tokens, text_mask, text_pooled))
-    scales = 1.0 / (len(log_snrs) - 1) / chain_factors(log_snrs, prediction).abs() if rescale else None
+    scales = 1.0 / len(grad_steps) / chain_factors(log_snrs, prediction).abs() if rescale and grad_steps else None
     for i, (log_snr_t, log_snr_s) in enumerate(zip(log_snrs[:-1], log_snrs[1:])):
         log_snr = torch.as_tensor(log_snr_t, device=x.device).expand(b)
         args = (unet, x.detach(), log_snr, tokens2, mask2, pooled2, drop, guidance)
-        pred = grad_checkpoint(guided_unet, *args, use_reentrant=False) if checkpoint else guided_unet(*args)
-        if rescale:
+        if i not in grad_steps:
+            with torch.no_grad():
+                pred = guided_unet(*args)
+        elif checkpoint:
+            pred = grad_checkpoint(guided_unet, *args, use_reentrant=False)
+        else:
+            pred = guided_unet(*args)
+        if rescale and i in grad_steps:
             pred = ScaleGrad.apply(pred, float(scales[i]))
         x0_hat, _ = x0_eps_from_pred(pred, x, log_snr, prediction)
         x = ddim_step(x, x0_hat, log_snr_t, log_snr_s)
     return x
+
+
+def random_grad_steps(k, m, generator):
+    """A uniform random subset of m of the K sampler steps (all of them when m = 0 or m >= K)."""
+    if m <= 0 or m >= k:
+        return set(range(k))
+    return set(torch.randperm(k, generator=generator)[:m].tolist())
 
 
 @torch.no_grad()

@@ -1,13 +1,15 @@
-"""Writing results a person looks at: PNG grids of images, and NIfTI stacks for radiology viewers.
+"""Writing results a person looks at: PNG grids of images, NIfTI stacks for radiology viewers, and the
+report's pictures (a before/after pair of grids, a bar chart), drawn with Pillow alone.
 
-Both write to a temporary file and rename it into place, so an interrupted run never leaves a torn file.
+All write to a temporary file and rename it into place, so an interrupted run never leaves a torn file.
 """
 import nibabel as nib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from minimedi.atomic import atomic_path
+from minimedi.errors import UserError
 
 
 def to_uint8(images):
@@ -54,3 +56,113 @@ def save_nifti(images, path, spacing_mm=1.0):
     affine[:3, 3] = -0.5 * spacing_mm * (np.array([w, h, n]) - 1)
     with atomic_path(path, suffix=".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:  # nibabel reads it
         nib.save(nib.Nifti1Image(data.astype(np.float32), affine), tmp)
+
+
+# ---- the report's pictures -----------------------------------------------------------------------------
+
+CHART_SIZE = (640, 400)
+# Plot area margins (left, top, right, bottom): tick labels and the rotated y label on the left, the
+# title on top, the reference line's label on the right, bar labels below.
+CHART_MARGINS = (80, 50, 110, 50)
+BAR_COLORS = ((76, 114, 176), (221, 132, 82), (85, 168, 104), (129, 114, 179), (147, 120, 96), (100, 100, 100))
+REFERENCE_COLOR = (192, 0, 0)
+GRID_COLOR = (225, 225, 225)
+
+
+def load_font(size):
+    """Pillow's built-in font at `size` px; Pillow before 10.1 only has a small fixed-size bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def put_text(draw, xy, text, font, anchor="mt", fill="black", background=None):
+    """Draw `text` with the point of its box named by `anchor` at xy (horizontal l/m/r, vertical t/m/b),
+    on a `background` patch if given.
+
+    Placed by measuring the text: Pillow's own `anchor` is ignored by bitmap fonts (the pre-10.1 default)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    x = round(xy[0] - {"l": 0, "m": (right - left) / 2, "r": right - left}[anchor[0]])
+    y = round(xy[1] - {"t": 0, "m": (bottom - top) / 2, "b": bottom - top}[anchor[1]])
+    if background is not None:
+        draw.rectangle([x - 2, y - 1, x + right - left + 1, y + bottom - top], fill=background)
+    draw.text((x - left, y - top), text, font=font, fill=fill)
+
+
+def put_vertical_text(picture, center, text, font):
+    """Text running bottom to top (a y-axis label), centred at `center`."""
+    left, top, right, bottom = ImageDraw.Draw(picture).textbbox((0, 0), text, font=font)
+    label = Image.new("RGB", (right - left + 2, bottom - top + 2), "white")
+    ImageDraw.Draw(label).text((1 - left, 1 - top), text, font=font, fill="black")
+    label = label.rotate(90, expand=True)
+    picture.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2))
+
+
+def save_bar_chart(path, title, bars, reference=None, ylabel="female fraction", ymax=1.0):
+    """Write a PNG bar chart (CHART_SIZE) of `bars` = [(label, value)], with the value above each bar.
+
+    `reference` = (label, value) is drawn as a dashed horizontal line across the plot (the target share),
+    labelled on the right. The y axis runs from 0 to `ymax` with ticks at quarters; values outside are
+    drawn clipped to the axis and printed as they are.
+    """
+    width, height = CHART_SIZE
+    left, top, right, bottom = (CHART_MARGINS[0], CHART_MARGINS[1], width - CHART_MARGINS[2],
+                                height - CHART_MARGINS[3])
+    small, large = load_font(14), load_font(18)
+    picture = Image.new("RGB", CHART_SIZE, "white")
+    draw = ImageDraw.Draw(picture)
+
+    def row(value):
+        return bottom - round(min(max(value, 0.0), ymax) / ymax * (bottom - top))
+
+    put_text(draw, (width / 2, 14), title, large)
+    put_vertical_text(picture, (16, (top + bottom) // 2), ylabel, small)
+    for k in range(5):
+        y = row(ymax * k / 4)
+        draw.line([(left, y), (right, y)], fill=GRID_COLOR)
+        draw.line([(left - 5, y), (left, y)], fill="black")
+        put_text(draw, (left - 8, y), f"{ymax * k / 4:g}", small, anchor="rm")
+    slot = (right - left) / len(bars)
+    spans = [(round(left + slot * (i + 0.2)), round(left + slot * (i + 0.8))) for i in range(len(bars))]
+    for i, ((x0, x1), (_, value)) in enumerate(zip(spans, bars)):
+        if row(value) < bottom:
+            draw.rectangle([x0, row(value), x1, bottom - 1], fill=BAR_COLORS[i % len(BAR_COLORS)])
+    draw.line([(left, top), (left, bottom)], fill="black")
+    draw.line([(left, bottom), (right, bottom)], fill="black")
+    if reference is not None:
+        label, value = reference
+        y = row(value)
+        for x in range(left, right, 12):  # dashes 8 px long, 4 px apart
+            draw.line([(x, y), (min(x + 8, right), y)], fill=REFERENCE_COLOR, width=2)
+        put_text(draw, (right + 6, y), f"{label}\n{value:.2f}", small, anchor="lm", fill=REFERENCE_COLOR)
+    for (x0, x1), (label, value) in zip(spans, bars):
+        # The value goes on a white patch: it stays legible where it meets the reference line.
+        put_text(draw, ((x0 + x1) / 2, row(value) - 4), f"{value:.2f}", small, anchor="mb", background="white")
+        put_text(draw, ((x0 + x1) / 2, bottom + 6), label, small, anchor="mt")
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+def save_side_by_side(left, right, path, titles=("before", "after"), nrow=8, scale=2):
+    """Write two grids of [N, C, H, W] images in [-1, 1] side by side, each under its title.
+
+    Both sets must have the same shape, so the two grids line up image for image."""
+    if left.shape != right.shape:
+        raise UserError(f"side-by-side grids need image sets of the same shape, got {tuple(left.shape)} "
+                        f"and {tuple(right.shape)}")
+    panels = []
+    for images in (left, right):
+        grid = make_grid(images, nrow)
+        panel = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).convert("RGB")
+        panels.append(panel.resize((panel.width * scale, panel.height * scale), Image.NEAREST))
+    font = load_font(16)
+    band, gap = 30, 16  # title band height, space between the grids
+    picture = Image.new("RGB", (2 * panels[0].width + gap, band + panels[0].height), "white")
+    draw = ImageDraw.Draw(picture)
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        x = i * (panel.width + gap)
+        picture.paste(panel, (x, band))
+        put_text(draw, (x + panel.width / 2, band / 2), title, font, anchor="mm")
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")

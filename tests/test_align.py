@@ -42,7 +42,7 @@ def test_align_trains_missing_prerequisites(tmp_path, capsys):
 
 def test_only_adapted_layers_change_and_sampling_works(base_run, tmp_path):
     run = _copy(base_run, tmp_path / "run")
-    align.main(TINY + ["--run", str(run), "--align-lr", "1e-2"])
+    align.main(TINY + ["--run", str(run), "--align-lr", "1e-2", "--report"])
     before, after = load_checkpoint(run / "diffusion.pt")["ema"], load_checkpoint(run / "aligned.pt")["ema"]
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -53,6 +53,9 @@ def test_only_adapted_layers_change_and_sampling_works(base_run, tmp_path):
     records = [json.loads(line) for line in open(run / "log.jsonl")]
     steps = [r for r in records if r.get("task") == "align"]
     assert len(steps) == 4 and {"align_loss", "clip_loss", "running_female_fraction"} <= steps[-1].keys()
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["models"]) == ["diffusion", "aligned"] and len(report["checks"]) == 5
+    assert (run / "samples" / "before_after.png").exists() and "## Checks" in (run / "report.md").read_text()
     out = tmp_path / "aligned.png"
     sample.main(["--run", str(run), "--model", "aligned", "--prompt", "Axial T2-weighted MRI of the brain.",
                  "--n", "2", "--sample-steps", "2", "--out", str(out)])

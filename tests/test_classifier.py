@@ -111,3 +111,29 @@ def test_bad_training_input_is_a_user_error():
         train_classifier(torch.zeros(20, 1, 16, 16), torch.full((20,), 2), cfg)
     with pytest.raises(UserError, match="one label each"):
         train_classifier(torch.zeros(20, 1, 16, 16), torch.zeros(19, dtype=torch.long), cfg)
+
+
+def test_the_vgg_check_architecture_learns_and_round_trips(tmp_path):
+    """The independent check classifier: another trunk, same interface, saved and loaded like classifier.pt."""
+    from minimedi.checkpoint import save_checkpoint
+    from minimedi.classifier import load_classifier
+    from minimedi.config import config_to_dict
+
+    images, labels = disks(600, seed=0)
+    cfg = make_config("tiny", classifier={"cls_arch": "vgg", "cls_steps": 100, "cls_batch": 32, "cls_lr": 3e-3})
+    torch.manual_seed(0)
+    model, metrics = train_classifier(images, labels, cfg.classifier, generator=torch.Generator().manual_seed(0))
+    assert metrics["accuracy"] > 0.72
+    assert not hasattr(model.stem, "weight") and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    path = tmp_path / "check.pt"
+    save_checkpoint(path, {"model": model.state_dict(), "config": config_to_dict(cfg), "classes": ["male", "female"]})
+    loaded, ckpt = load_classifier(path)
+    test_images, _ = disks(50, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_proba(test_images), model.predict_proba(test_images))
+    assert ckpt["classes"] == ["male", "female"] and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_unknown_architecture_is_a_user_error():
+    with pytest.raises(UserError, match="architecture"):
+        SubgroupClassifier(2, 8, arch="transformer")

@@ -6,8 +6,8 @@ import pytest
 import train
 from minimedi.data.captions import LOBES
 from minimedi.data.phantom import PhantomCorpus
-from minimedi.evaluate import (PROBE_HEADS, class_prompts, main, probe_predictions, probe_targets, readback,
-                               train_probe)
+from minimedi.evaluate import class_prompts, main
+from minimedi.probe import PROBE_HEADS, probe_predictions, probe_targets, readback, train_probe
 
 SEX_WORDS = ("man", "woman", "male", "female")
 
@@ -50,9 +50,18 @@ def test_probe_reads_attributes_of_real_slices():
     assert scores["modality"] >= 0.9 and scores["side"] >= 0.9, scores
 
 
-def test_report_cli_on_a_tiny_run(tmp_path, capsys):
-    train.main(["--preset", "tiny", "--n-pretrain", "64", "--clip-steps", "2", "--steps", "2", "--run", str(tmp_path)])
-    main(["--preset", "tiny", "--run", str(tmp_path)])
-    report = json.loads((tmp_path / "fidelity_diffusion.json").read_text())
-    assert report["images"] == 64 and 0 <= report["female_fraction"] <= 1
-    assert (tmp_path / "probe.pt").exists() and (tmp_path / "samples" / "evaluation.png").exists()
+def test_report_cli_on_a_tiny_run(tmp_path):
+    run = ["--preset", "tiny", "--run", str(tmp_path)]
+    train.main(run + ["--n-pretrain", "64", "--clip-steps", "2", "--steps", "2"])
+    train.main(run + ["--task", "classifier"])
+    main(run)
+    report = json.loads((tmp_path / "report.json").read_text())
+    base = report["models"]["diffusion"]
+    assert report["images_per_model"] == 64 and list(report["models"]) == ["diffusion"]
+    for key in ("female_fraction", "female_fraction_check", "female_fraction_probe", "modality", "side", "lobe"):
+        assert 0 <= base[key] <= 1, key
+    assert base["domain_fid"] > 0 and base["nn_distance"] > 0 and 0 <= base["clip_score"] <= 100
+    assert report["checks"] == []  # nothing to check without an aligned model
+    for name in ("probe.pt", "sex_check.pt", "report.md", "fairness.png"):
+        assert (tmp_path / name).exists(), name
+    assert "| domain FID vs real target (probe features) |" in (tmp_path / "report.md").read_text()

@@ -13,7 +13,7 @@ from minimedi.diffusion import alpha_sigma, make_denoiser, sample_ddim, sampling
 from minimedi.fairness import (
     binomial_cdf, chain_factors, clip_consistency_loss, consistency_weights, distributional_alignment_loss,
     hungarian, joint_alignment_loss, joint_ot_assign, kl_alignment_loss, largest_remainder_counts, ot_assign,
-    round_half_up, sample_ddim_teacher, sample_ddim_with_grad, uncertainty)
+    random_grad_steps, round_half_up, sample_ddim_teacher, sample_ddim_with_grad, uncertainty)
 from minimedi.lora import inject_lora
 from minimedi.unet import UNet, token_mask
 
@@ -229,6 +229,37 @@ def test_checkpointing_changes_no_gradient():
         out.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def adapter_grad(unet, params, x_T, grad_steps):
+    for p in params:
+        p.grad = None
+    out = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(4), *text(), guidance=2.0, grad_steps=grad_steps)
+    out.square().mean().backward()
+    return out.detach(), torch.cat([p.grad.flatten() for p in params])
+
+
+def test_a_subset_of_gradient_steps_averages_the_single_step_gradients():
+    """Same forward for any subset; G(S) = mean_{i in S} G({i}), so a uniform random S is unbiased for G(all)."""
+    unet, params, x_T = lora_unet_and_noise()
+    single = [adapter_grad(unet, params, x_T, {i}) for i in range(4)]
+    out_all, g_all = adapter_grad(unet, params, x_T, None)
+    out_sub, g_sub = adapter_grad(unet, params, x_T, {0, 2})
+    assert all(torch.equal(out, out_all) for out, _ in single) and torch.equal(out_sub, out_all)
+    torch.testing.assert_close(g_sub, (single[0][1] + single[2][1]) / 2, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(g_all, sum(g for _, g in single) / 4, rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(single[0][1], single[3][1])  # the steps really differ
+
+
+def test_random_grad_steps():
+    g = torch.Generator().manual_seed(0)
+    assert random_grad_steps(10, 0, g) == set(range(10)) == random_grad_steps(10, 12, g)
+    draws = [random_grad_steps(10, 3, g) for _ in range(2000)]
+    assert all(len(d) == 3 and d <= set(range(10)) for d in draws)
+    counts = torch.bincount(torch.tensor([i for d in draws for i in d]), minlength=10).float()
+    assert (counts / len(draws) - 0.3).abs().max() < 0.04  # each step is picked with probability m / K
+    assert random_grad_steps(10, 3, torch.Generator().manual_seed(5)) == random_grad_steps(
+        10, 3, torch.Generator().manual_seed(5))
 
 
 def saved_bytes(fn):
