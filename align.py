@@ -25,7 +25,7 @@ from tqdm import tqdm
 import train
 from minimedi import diffusion, evaluate, fairness, training
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
-from minimedi.classifier import load_classifier
+from minimedi.classifier import class_shares, load_classifier
 from minimedi.config import config_to_dict, parse_config
 from minimedi.data.captions import tuning_prompts
 from minimedi.errors import UserError, run_main
@@ -46,32 +46,41 @@ def prerequisites(cfg, d):
         print(f"{path} not found: training the subgroup classifier first (python train.py --task classifier)")
         train.train_subgroup_classifier(cfg, d)
     classifier, ckpt = load_classifier(path, d.device)
-    classes = ckpt["classes"]
-    if classes != ["male", "female"]:
-        raise UserError(f"{path} classifies {classes}; align.py tunes the sex axis (retrain with --subgroup sex)")
-    return classifier, ckpt["target_shares"][1]
+    classes, shares = ckpt["classes"], ckpt["target_shares"]
+    if cfg.align.target_female is not None:
+        if classes != ["male", "female"]:
+            raise UserError(f"--target-female needs a sex classifier; {path} classifies {classes}")
+        if not 0 <= cfg.align.target_female <= 1:
+            raise UserError(f"--target-female {cfg.align.target_female}: must lie in [0, 1]")
+        shares = [1 - cfg.align.target_female, cfg.align.target_female]
+    return classifier, classes, shares
 
 
-def alignment_loss(cfg, classifier, images, target_female):
-    """The fairness term on the student's images and its statistics for the log."""
+def alignment_loss(cfg, classifier, images, shares):
+    """The fairness term on the student's images, and the batch's predicted class shares for the log.
+
+    One binary axis (sex, age group): the distributional alignment loss with its closed-form OT. More
+    classes (sex x age group): the exact OT over the joint distribution. `--align-loss kl`: either way,
+    KL between the target shares and the batch-mean probabilities."""
     logits = classifier(images)
     probs = classifier.predict_proba(images.detach())
     if cfg.align.align_loss == "kl":
-        loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), target_female)
-        return loss, {"female_fraction": float((probs[:, 1] > 0.5).float().mean()),
-                      "mean_p_female": float(probs[:, 1].mean())}
-    return fairness.distributional_alignment_loss(logits, probs[:, 1], target_female, cfg.align.uncertainty)
+        loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), torch.tensor(shares))
+    elif len(shares) == 2:
+        loss, _ = fairness.distributional_alignment_loss(logits, probs[:, 1], shares[1], cfg.align.uncertainty)
+    else:
+        loss, _ = fairness.joint_alignment_loss(logits, probs, shares)
+    return loss, class_shares(probs.argmax(-1), len(shares))
 
 
 def main(argv=None):
     cfg = parse_config(argv, SECTIONS, description=__doc__)
     a = cfg.align
     d = training.setup(cfg.run.device)
-    classifier, target_share = prerequisites(cfg, d)
-    target_female = a.target_female if a.target_female is not None else target_share
-    if not 0 <= target_female <= 1:
-        raise UserError(f"--target-female {target_female}: must lie in [0, 1]")
+    classifier, classes, shares = prerequisites(cfg, d)
     teacher, encoder, base_cfg = load_generator(cfg.run_dir, "diffusion", d.device)
+    if cfg.run.compile:
+        teacher.compile()  # the teacher only samples; the student's LoRA graph stays eager (it is merged later)
     base = load_checkpoint(os.path.join(cfg.run_dir, "diffusion.pt"))
     student = copy.deepcopy(teacher).requires_grad_(True)
     torch.manual_seed(cfg.run.seed)  # the adapters' random init: same seed, same run
@@ -92,7 +101,8 @@ def main(argv=None):
     size, prediction = base_cfg.data.image_size, base_cfg.diffusion.prediction
     log_snrs = diffusion.sampling_log_snrs(a.align_ddim_steps, base_cfg.diffusion.schedule, d.device)
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"))
-    print(f"aligning to a female share of {target_female:.3f} ({a.align_loss} loss, lambda_clip {a.lambda_clip}, "
+    goal = ", ".join(f"{c} {share:.3f}" for c, share in zip(classes, shares))
+    print(f"aligning to the shares {goal} ({a.align_loss} loss, lambda_clip {a.lambda_clip}, "
           f"{'full UNet' if a.full else f'LoRA rank {a.lora_rank}'})")
     running = None
     bar = tqdm(range(start, a.align_steps), initial=start, total=a.align_steps, desc="align")
@@ -103,7 +113,7 @@ def main(argv=None):
         grad_steps = fairness.random_grad_steps(a.align_ddim_steps, a.align_grad_steps, g)
         x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.align_guidance,
                                                    prediction, checkpoint=a.align_checkpoint, grad_steps=grad_steps)
-        align, stats = alignment_loss(cfg, classifier, x_student, target_female)
+        align, fractions = alignment_loss(cfg, classifier, x_student, shares)
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
             x_teacher = fairness.sample_ddim_teacher(teacher, noise, log_snrs, states, mask, pooled,
@@ -116,17 +126,22 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update_parameters(student)
-        running = stats["female_fraction"] if running is None else 0.9 * running + 0.1 * stats["female_fraction"]
-        bar.set_postfix(align=f"{align.item():.3f}", clip=f"{clip.item():.3f}", female=f"{running:.2f}")
-        log(task="align", step=step + 1, align_loss=align, clip_loss=clip, running_female_fraction=running, **stats)
+        running = fractions if running is None else 0.9 * running + 0.1 * fractions
+        bar.set_postfix(align=f"{align.item():.3f}", clip=f"{clip.item():.3f}",
+                        **{c.replace(" ", "_"): f"{share:.2f}" for c, share in zip(classes, running.tolist())})
+        log(task="align", step=step + 1, align_loss=align, clip_loss=clip,
+            class_fractions=dict(zip(classes, fractions.tolist())),
+            running_class_fractions=dict(zip(classes, running.tolist())))
 
     merged = merge_lora(copy.deepcopy(ema.module))
     save_checkpoint(path, {"model": merged.state_dict(), "ema": merged.state_dict(), "student": student.state_dict(),
                            "ema_state": ema.state_dict(), "optimizer": opt.state_dict(), "rng": g.get_state(),
                            "step": a.align_steps, "config": base["config"], "text": base["text"],
-                           "align": config_to_dict(cfg)["align"], "target_female": target_female})
+                           "align": config_to_dict(cfg)["align"], "classes": classes, "target_shares": shares})
     print(f"saved {path}")
-    if a.report:
+    if a.report and classes != ["male", "female"]:
+        print(f"the fairness report reads sex; skipped for a {'/'.join(classes)} classifier")
+    elif a.report:
         report, images = evaluate.fairness_report(cfg, d.device)
         for written in write_report(cfg.run_dir, report, images):
             print(f"wrote {written}")

@@ -37,6 +37,8 @@ def main(argv=None):
                             f"--truncate): {prompt[:40]!r}...")
     device = torch.device(resolve_device(cfg.run.device))
     unet, encoder, model_cfg = load_generator(cfg.run_dir, s.model, device, truncate=s.truncate)
+    if cfg.run.compile:
+        unet.compile()  # compiles on the first step (a minute or more on a CPU), then every step is faster
 
     prompts = [p for p in s.prompt for _ in range(s.n)]
     states, mask, pooled = encoder.encode(prompts)

@@ -145,6 +145,8 @@ def train_diffusion(cfg, d):
         set_rng_state(ckpt["rng"])
         g.set_state(ckpt["rng"]["batch"])
         start = ckpt["step"]
+    if cfg.run.compile:
+        unet.compile()  # in place: the state_dict keys (and so the checkpoints) stay those of the eager UNet
     model = training.wrap_ddp(unet, d)
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"), d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")

@@ -6,13 +6,21 @@ import torch.nn.functional as F
 
 
 def group_norm_silu(x, weight, bias, groups, scale=None, shift=None, eps=1e-5):
-    """SiLU(FiLM(GroupNorm(x))): FiLM is x * (1 + scale) + shift with per-sample scale, shift [N, C]."""
-    y = F.group_norm(x, groups, weight, bias, eps)
+    """SiLU(FiLM(GroupNorm(x))): FiLM is x * (1 + scale) + shift with per-sample scale, shift [N, C].
+
+    The GroupNorm affine and FiLM are both per-channel affine maps, so they fold into one:
+    (x_hat w + b)(1 + scale) + shift = x_hat [w (1 + scale)] + [b (1 + scale) + shift], applied by a
+    single addcmul over the normalized x_hat instead of three passes over the feature map.
+    """
+    if scale is None and shift is None:
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+    x_hat = F.group_norm(x, groups, eps=eps)
+    gain, offset = weight, bias
     if scale is not None:
-        y = y * (1 + scale[:, :, None, None].to(y.dtype))
+        gain, offset = weight * (1 + scale.to(x_hat.dtype)), bias * (1 + scale.to(x_hat.dtype))
     if shift is not None:
-        y = y + shift[:, :, None, None].to(y.dtype)
-    return F.silu(y)
+        offset = offset + shift.to(x_hat.dtype)
+    return F.silu(torch.addcmul(offset[..., None, None], x_hat, gain[..., None, None]))
 
 
 def attention(q, k, v, key_mask=None, causal=False):

@@ -32,6 +32,7 @@ class RunConfig:
     seed: int = opt(0, "global random seed")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     resume: bool = opt(False, "continue from the run's checkpoint")
+    compile: bool = opt(False, "torch.compile the UNet for training and sampling (slow first step; see benchmarks)")
 
 
 @dataclass

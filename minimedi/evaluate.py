@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from minimedi import diffusion
-from minimedi.checkpoint import save_checkpoint
+from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
 from minimedi.clip import preprocess
 from minimedi.config import parse_config
 from minimedi.data.captions import LOBES, MODALITIES, SIDES, SIZES, caption, evaluation_prompts
 from minimedi.data.load import load_pretraining_data, load_target_data
 from minimedi.data.phantom import PhantomCorpus
-from minimedi.errors import run_main
+from minimedi.errors import UserError, run_main
 from minimedi.metrics import clip_score, fid, nearest_neighbour_distance
 from minimedi.pipeline import load_generator
 from minimedi.probe import load_or_train_probe, probe_features, probe_predictions, readback
@@ -94,14 +94,14 @@ def load_check_classifier(cfg, data_cfg, device):
         c = dataclasses.replace(cfg.classifier, subgroup="sex", cls_arch="vgg")
         images, _, attributes = load_target_data(data_cfg)
         torch.manual_seed(cfg.run.seed + 1)
-        model, metrics = train_classifier(images.float(), subgroup_labels(attributes, "sex"), c, device, generator=torch.Generator().manual_seed(
-            cfg.run.seed + 1))
+        model, metrics = train_classifier(images.float(), subgroup_labels(attributes, "sex"), c, device,
+                                          generator=torch.Generator().manual_seed(cfg.run.seed + 1))
         save_checkpoint(path, {"model": model.state_dict(), "config": {"classifier": dataclasses.asdict(c)},
                                "classes": ["male", "female"], "metrics": metrics})
     return load_classifier(path, device)
 
 
-def reference_images(cfg, n=1024):
+def reference_images(cfg, n=1280):
     """(images, sex labels [N], captions) of real target images: a fresh phantom target corpus (another seed
     than the one the classifiers learned from), or the `--target` data itself."""
     if cfg.data.target == "phantom":
@@ -166,21 +166,30 @@ def fairness_report(cfg, device):
     Per model: the female fraction read by the tuning classifier (p > 0.5) and by the independent check
     classifier; text fidelity (modality, side, lobe) read by the attribute probe; domain FID in the probe's
     feature space against real target images, and per subgroup; CLIP score; the mean RMS distance to the
-    nearest training image. The same numbers for real target images are the reference row."""
+    nearest training image. The same numbers for as many real target images (not in the FID reference set)
+    are the floor row: what a perfect model would score at this sample size."""
     run = cfg.run_dir
     classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), device)
+    if ckpt["classes"] != ["male", "female"]:
+        raise UserError(f"the fairness report reads sex, but {run}/classifier.pt classifies {ckpt['classes']}")
     target = ckpt["target_shares"][1]
+    if os.path.exists(os.path.join(run, "aligned.pt")):  # the share the model was tuned to (--target-female)
+        target = load_checkpoint(os.path.join(run, "aligned.pt")).get("target_shares", [None, target])[1]
     base_cfg = load_generator(run, "diffusion", device)[2]
     models = ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
-    reference, labels, captions = reference_images(base_cfg)
+    prompts = evaluation_prompts()
+    texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.eval_n)]
+    prompted = [p for p in prompts for _ in range(cfg.eval.eval_n)]
+    real, real_labels, captions = reference_images(base_cfg)
+    # Real images outside the reference set, as many as each model generates: their FID is the floor that
+    # sampling noise alone puts under any model's FID at this sample size.
+    m = min(len(texts), len(real) // 2)
+    reference, labels = real[m:], real_labels[m:]
     check, check_ckpt = load_check_classifier(cfg, base_cfg.data, device)
     probe = load_or_train_probe(run, base_cfg.data.image_size, device, cfg.eval.probe_steps)
     judges = {"classifier": classifier, "check": check, "probe": probe, "tokenizer": Tokenizer(),
               "training": load_pretraining_data(base_cfg.data)[0], "reference_labels": labels,
               "reference_features": probe_features(probe, reference)}
-    prompts = evaluation_prompts()
-    texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.eval_n)]
-    prompted = [p for p in prompts for _ in range(cfg.eval.eval_n)]
     report = {"target_female": target, "images_per_model": len(texts), "steps": cfg.eval.eval_steps,
               "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "models": {},
               "classifier_heldout_accuracy": ckpt["metrics"]["accuracy"],
@@ -188,6 +197,8 @@ def fairness_report(cfg, device):
     images = {}
     for which in models:
         unet, encoder, model_cfg = load_generator(run, which, device)
+        if cfg.run.compile:
+            unet.compile()
         judges["clip"] = encoder.clip
         start = time.time()
         images[which] = generate(unet, encoder, model_cfg, [p["prompt"] for p in prompts], cfg.eval.eval_n,
@@ -196,12 +207,16 @@ def fairness_report(cfg, device):
         report["models"][which] = {**judge(images[which], texts, prompted, judges),
                                    "seconds_per_image": seconds / len(texts)}
         report["models"][which]["female_gap"] = abs(report["models"][which]["female_fraction"] - target)
-    report["real_target"] = {"true_female_fraction": float(labels.float().mean()),
-                             "female_fraction": float((p_female(classifier, reference) > 0.5).float().mean()),
-                             "female_fraction_check": float((p_female(check, reference) > 0.5).float().mean()),
-                             "clip_score": clip_score(judges["clip"], reference, judges["tokenizer"](
-                                 captions, truncate=True))[0],
-                             "nn_distance": float(nearest_neighbour_distance(reference, judges["training"])[0].mean())}
+    floor, floor_female = real[:m], real_labels[:m] == 1
+    floor_features = probe_features(probe, floor)
+    report["real_target"] = {"true_female_fraction": float(floor_female.float().mean()),
+                             "female_fraction": float((p_female(classifier, floor) > 0.5).float().mean()),
+                             "female_fraction_check": float((p_female(check, floor) > 0.5).float().mean()),
+                             "domain_fid": fid(floor_features, judges["reference_features"]),
+                             **subgroup_fid(floor_features, floor_female, judges["reference_features"], labels == 1),
+                             "clip_score": clip_score(judges["clip"], floor, judges["tokenizer"](
+                                 captions[:m], truncate=True))[0],
+                             "nn_distance": float(nearest_neighbour_distance(floor, judges["training"])[0].mean())}
     return report, images
 
 

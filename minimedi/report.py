@@ -76,7 +76,9 @@ def render_markdown(report):
             cells.append("" if value is None else fmt.format(value))
         if any(cells):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"\nReal target: true female fraction {report['real_target']['true_female_fraction']:.3f}.")
+    lines.append(f"\nreal_target: {report['images_per_model']} real target images outside the FID reference set "
+                 f"(true female fraction {report['real_target']['true_female_fraction']:.3f}), the floor of every "
+                 f"metric at this sample size.")
     rows = checks(report)
     if rows:
         lines += ["\n## Checks\n", "| claim | measured | |", "|---|---|---|"]

@@ -268,7 +268,10 @@ class UNet(nn.Module):
                 drop_text = torch.rand(x.shape[0], device=x.device) < self.cfg.cond_drop
         cond, context, mask = self.conditioning(log_snr, text_tokens, text_mask, text_pooled, drop_text)
 
-        h = self.init_conv(x)
+        # Channels-last (NHWC) activations: oneDNN's CPU convolutions and cuDNN's tensor-core kernels work
+        # in this layout natively, so no convolution reorders its input and output, and the attention
+        # tokens [B, HW, C] are a view of the feature map rather than a transposed copy.
+        h = self.init_conv(x.to(memory_format=torch.channels_last))
         skips = []
         for blocks, downsample in zip(self.down, self.downsample):
             for block in blocks:
@@ -281,4 +284,4 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(torch.cat([h, skips.pop() * SKIP_SCALE], dim=1), cond, context, mask)
             h = upsample(h)
-        return self.out_conv(self.out_norm(h))
+        return self.out_conv(self.out_norm(h)).contiguous()

@@ -52,7 +52,8 @@ def test_only_adapted_layers_change_and_sampling_works(base_run, tmp_path):
         assert param == "weight" and module.rsplit(".", 1)[-1] in UNET_TARGETS, key
     records = [json.loads(line) for line in open(run / "log.jsonl")]
     steps = [r for r in records if r.get("task") == "align"]
-    assert len(steps) == 4 and {"align_loss", "clip_loss", "running_female_fraction"} <= steps[-1].keys()
+    assert len(steps) == 4 and {"align_loss", "clip_loss", "running_class_fractions"} <= steps[-1].keys()
+    assert set(steps[-1]["class_fractions"]) == {"male", "female"}
     report = json.loads((run / "report.json").read_text())
     assert list(report["models"]) == ["diffusion", "aligned"] and len(report["checks"]) == 5
     assert (run / "samples" / "before_after.png").exists() and "## Checks" in (run / "report.md").read_text()
@@ -60,6 +61,16 @@ def test_only_adapted_layers_change_and_sampling_works(base_run, tmp_path):
     sample.main(["--run", str(run), "--model", "aligned", "--prompt", "Axial T2-weighted MRI of the brain.",
                  "--n", "2", "--sample-steps", "2", "--out", str(out)])
     assert out.exists()
+
+
+def test_sex_by_age_group_aligns_with_the_joint_assignment(base_run, tmp_path, capsys):
+    run = _copy(base_run, tmp_path / "run")
+    train.main(TINY + ["--run", str(run), "--task", "classifier", "--subgroup", "sex_age"])
+    align.main(TINY + ["--run", str(run), "--align-steps", "2", "--report"])
+    assert "skipped" in capsys.readouterr().out and not (run / "report.json").exists()
+    last = [json.loads(line) for line in open(run / "log.jsonl")][-1]
+    assert len(last["class_fractions"]) == 4 and sum(last["class_fractions"].values()) == pytest.approx(1.0)
+    assert load_checkpoint(run / "aligned.pt")["classes"][3] == "female age>=50"
 
 
 def test_resume_continues_exactly(base_run, tmp_path):

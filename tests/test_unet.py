@@ -146,3 +146,26 @@ def test_fused_kernels_are_called(monkeypatch):
 def test_bad_shapes_are_user_errors(overrides):
     with pytest.raises(UserError):
         tiny_unet(**overrides)
+
+
+def test_activations_are_channels_last_and_output_is_contiguous():
+    unet = perturb_zero_init(tiny_unet()).eval()
+    seen = []
+    unet.down[0][0].res.conv1.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        out = unet(**inputs())
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert out.is_contiguous()
+
+
+def test_default_state_dict_layout_is_stable():
+    """Trained checkpoints load only while every key and shape stays as it is: pin a few and the totals."""
+    torch.manual_seed(0)
+    sd = UNet(make_config("default").unet, 128, 128, 1, 32).state_dict()
+    assert len(sd) == 156
+    assert sum(t.numel() for t in sd.values()) == 2_279_809
+    assert sd["down.2.0.self_attn.qkv.weight"].shape == (384, 128)
+    assert sd["down.2.0.cross_attn.kv.weight"].shape == (256, 128)
+    assert sd["up.0.0.res.conv1.weight"].shape == (128, 256, 3, 3)
+    assert sd["mid.0.res.film.weight"].shape == (256, 128)
+    assert sd["upsample.0.conv.weight"].shape == (64, 128, 3, 3)
