@@ -4,6 +4,8 @@
 the eager module. Compiling takes a minute or more on a 2-core CPU, so this is one test of the sampling
 path (eval mode, inference_mode) on a tiny UNet; the whole network is one graph, without breaks.
 """
+import shutil
+
 import pytest
 import torch
 
@@ -11,6 +13,8 @@ from tests.test_unet import inputs, perturb_zero_init, tiny_unet
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile's CPU backend (inductor) generates C++ and needs a compiler")
 def test_compiled_unet_matches_eager():
     unet = perturb_zero_init(tiny_unet()).eval()
     x = {**inputs(), "drop_text": torch.tensor([False, True])}
