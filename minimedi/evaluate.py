@@ -169,6 +169,9 @@ def fairness_report(cfg, device):
     nearest training image. The same numbers for as many real target images (not in the FID reference set)
     are the floor row: what a perfect model would score at this sample size."""
     run = cfg.run_dir
+    if not os.path.exists(os.path.join(run, "classifier.pt")):
+        raise UserError(f"no sex classifier at {run}/classifier.pt: run `python train.py --task classifier` "
+                        f"(or `python align.py`, which trains it) first")
     classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), device)
     if ckpt["classes"] != ["male", "female"]:
         raise UserError(f"the fairness report reads sex, but {run}/classifier.pt classifies {ckpt['classes']}")

@@ -6,6 +6,7 @@ import pytest
 import train
 from minimedi.data.captions import LOBES
 from minimedi.data.phantom import PhantomCorpus
+from minimedi.errors import run_main
 from minimedi.evaluate import class_prompts, main
 from minimedi.probe import PROBE_HEADS, probe_predictions, probe_targets, readback, train_probe
 
@@ -65,3 +66,9 @@ def test_report_cli_on_a_tiny_run(tmp_path):
     for name in ("probe.pt", "sex_check.pt", "report.md", "fairness.png"):
         assert (tmp_path / name).exists(), name
     assert "| domain FID vs real target (probe features) |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_without_a_classifier_says_how_to_make_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_main(main, ["--preset", "tiny", "--run", str(tmp_path)])
+    assert stop.value.code == 2 and "python train.py --task classifier" in capsys.readouterr().err
