@@ -63,7 +63,7 @@ def alignment_loss(cfg, classifier, images, shares):
     classes (sex x age group): the exact OT over the joint distribution. `--align-loss kl`: either way,
     KL between the target shares and the batch-mean probabilities."""
     logits = classifier(images)
-    probs = classifier.predict_proba(images.detach())
+    probs = torch.softmax(logits.detach() / classifier.temperature, -1)  # predict_proba, without a second pass
     if cfg.align.align_loss == "kl":
         loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), torch.tensor(shares))
     elif len(shares) == 2:

@@ -30,7 +30,7 @@ from minimedi.data.phantom import PhantomCorpus
 from minimedi.errors import UserError, run_main
 from minimedi.metrics import clip_score, fid, nearest_neighbour_distance
 from minimedi.pipeline import load_generator
-from minimedi.probe import load_or_train_probe, probe_features, probe_predictions, readback
+from minimedi.probe import load_or_train_probe, predictions_from_features, probe_features, readback
 from minimedi.report import write_report
 from minimedi.tokenizer import Tokenizer
 from minimedi.training import resolve_device
@@ -147,7 +147,7 @@ def judge(images, texts, prompted, judges):
     """Everything the report says about one set of generated images (see `fairness_report`)."""
     p = p_female(judges["classifier"], images)
     features = probe_features(judges["probe"], images)
-    fidelity = readback(probe_predictions(judges["probe"], images), prompted)
+    fidelity = readback(predictions_from_features(judges["probe"], features), prompted)
     distance, _ = nearest_neighbour_distance(images, judges["training"])
     out = {"female_fraction": float((p > 0.5).float().mean()), "mean_p_female": float(p.mean()),
            "female_fraction_check": float((p_female(judges["check"], images) > 0.5).float().mean()),
@@ -178,8 +178,9 @@ def fairness_report(cfg, device):
     target = ckpt["target_shares"][1]
     if os.path.exists(os.path.join(run, "aligned.pt")):  # the share the model was tuned to (--target-female)
         target = load_checkpoint(os.path.join(run, "aligned.pt")).get("target_shares", [None, target])[1]
-    base_cfg = load_generator(run, "diffusion", device)[2]
     models = ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
+    generators = {which: load_generator(run, which, device) for which in models}
+    base_cfg = generators["diffusion"][2]
     prompts = evaluation_prompts()
     texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.eval_n)]
     prompted = [p for p in prompts for _ in range(cfg.eval.eval_n)]
@@ -199,7 +200,7 @@ def fairness_report(cfg, device):
               "check_classifier_heldout_accuracy": check_ckpt["metrics"]["accuracy"]}
     images = {}
     for which in models:
-        unet, encoder, model_cfg = load_generator(run, which, device)
+        unet, encoder, model_cfg = generators[which]
         if cfg.run.compile:
             unet.compile()
         judges["clip"] = encoder.clip

@@ -52,11 +52,15 @@ def train_probe(size, steps=800, batch=128, n=12000, seed=1234, device="cpu", wi
     return probe.eval()
 
 
-@torch.no_grad()
 def probe_predictions(probe, images, batch_size=256):
     """{head: predicted class names [N]} for images [N, 1, H, W] in [-1, 1]."""
-    device = next(probe.parameters()).device
-    logits = torch.cat([probe(x.to(device).float()) for x in images.split(batch_size)])
+    return predictions_from_features(probe, probe_features(probe, images, batch_size))
+
+
+@torch.no_grad()
+def predictions_from_features(probe, features):
+    """{head: predicted class names [N]} from the probe's pooled features (`probe_features`)."""
+    logits = probe.head(features.to(next(probe.parameters()).device)).cpu()
     return {h: [PROBE_HEADS[h][i] for i in lg.argmax(-1).tolist()] for h, lg in split_heads(logits).items()}
 
 
