@@ -64,7 +64,7 @@ def alignment_loss(cfg, classifier, images, shares):
     KL between the target shares and the batch-mean probabilities."""
     logits = classifier(images)
     probs = torch.softmax(logits.detach() / classifier.temperature, -1)  # predict_proba, without a second pass
-    if cfg.align.align_loss == "kl":
+    if cfg.align.loss == "kl":
         loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), torch.tensor(shares))
     elif len(shares) == 2:
         loss, _ = fairness.distributional_alignment_loss(logits, probs[:, 1], shares[1], cfg.align.uncertainty)
@@ -85,8 +85,8 @@ def main(argv=None):
     student = copy.deepcopy(teacher).requires_grad_(True)
     torch.manual_seed(cfg.run.seed)  # the adapters' random init: same seed, same run
     params = list(student.parameters()) if a.full else inject_lora(student, a.lora_rank)
-    opt = torch.optim.AdamW(params, lr=a.align_lr)
-    ema = training.make_ema(student, a.align_ema)
+    opt = torch.optim.AdamW(params, lr=a.lr)
+    ema = training.make_ema(student, a.ema)
     g = torch.Generator().manual_seed(cfg.run.seed)
     path, start = os.path.join(cfg.run_dir, "aligned.pt"), 0
     if cfg.run.resume:
@@ -99,25 +99,25 @@ def main(argv=None):
 
     prompts = [p["prompt"] for p in tuning_prompts()]
     size, prediction = base_cfg.data.image_size, base_cfg.diffusion.prediction
-    log_snrs = diffusion.sampling_log_snrs(a.align_ddim_steps, base_cfg.diffusion.schedule, d.device)
+    log_snrs = diffusion.sampling_log_snrs(a.ddim_steps, base_cfg.diffusion.schedule, d.device)
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"))
     goal = ", ".join(f"{c} {share:.3f}" for c, share in zip(classes, shares))
-    print(f"aligning to the shares {goal} ({a.align_loss} loss, lambda_clip {a.lambda_clip}, "
+    print(f"aligning to the shares {goal} ({a.loss} loss, lambda_clip {a.lambda_clip}, "
           f"{'full UNet' if a.full else f'LoRA rank {a.lora_rank}'})")
     running = None
-    bar = tqdm(range(start, a.align_steps), initial=start, total=a.align_steps, desc="align")
+    bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="align")
     for step in bar:
-        ids = torch.randint(len(prompts), (a.align_batch,), generator=g)
+        ids = torch.randint(len(prompts), (a.batch,), generator=g)
         states, mask, pooled = encoder.encode([prompts[i] for i in ids])
-        noise = torch.randn((a.align_batch, 1, size, size), generator=g).to(d.device)
-        grad_steps = fairness.random_grad_steps(a.align_ddim_steps, a.align_grad_steps, g)
-        x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.align_guidance,
-                                                   prediction, checkpoint=a.align_checkpoint, grad_steps=grad_steps)
+        noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
+        grad_steps = fairness.random_grad_steps(a.ddim_steps, a.grad_steps, g)
+        x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
+                                                   prediction, checkpoint=a.checkpoint, grad_steps=grad_steps)
         align, fractions = alignment_loss(cfg, classifier, x_student, shares)
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
             x_teacher = fairness.sample_ddim_teacher(teacher, noise, log_snrs, states, mask, pooled,
-                                                     a.align_guidance, prediction)
+                                                     a.guidance, prediction)
             clip = fairness.clip_consistency_loss(encoder.clip, x_student, x_teacher)
             loss = align + a.lambda_clip * clip
         training.check_finite(loss, step, path)
@@ -136,7 +136,7 @@ def main(argv=None):
     merged = merge_lora(copy.deepcopy(ema.module))
     save_checkpoint(path, {"model": merged.state_dict(), "ema": merged.state_dict(), "student": student.state_dict(),
                            "ema_state": ema.state_dict(), "optimizer": opt.state_dict(), "rng": g.get_state(),
-                           "step": a.align_steps, "config": base["config"], "text": base["text"],
+                           "step": a.steps, "config": base["config"], "text": base["text"],
                            "align": config_to_dict(cfg)["align"], "classes": classes, "target_shares": shares})
     print(f"saved {path}")
     if a.report and classes != ["male", "female"]:

@@ -27,7 +27,7 @@ def main(argv=None):
         raise UserError("give at least one --prompt \"...\"")
     if any(not p.strip() for p in s.prompt):
         raise UserError("empty --prompt: describe the image to generate")
-    if s.n < 1 or s.sample_steps < 1:
+    if s.n < 1 or s.steps < 1:
         raise UserError("--n and --sample-steps must be at least 1")
     tokenizer = Tokenizer()
     for prompt in s.prompt:
@@ -47,12 +47,12 @@ def main(argv=None):
     size = model_cfg.data.image_size
     g = torch.Generator(device).manual_seed(cfg.run.seed)
     with torch.inference_mode():
-        images = diffusion.sample(denoise, (len(prompts), 1, size, size), s.sample_steps, s.sampler,
+        images = diffusion.sample(denoise, (len(prompts), 1, size, size), s.steps, s.sampler,
                                   model_cfg.diffusion.schedule, s.eta, generator=g, device=device)
 
     out = s.out or os.path.join(cfg.run_dir, "samples", "sample.png")
     save_grid(images, out, nrow=s.n if len(s.prompt) > 1 else min(s.n, 8), scale=max(1, 128 // size))
-    print(f"wrote {out} ({len(prompts)} images, {s.sampler}, {s.sample_steps} steps, guidance {s.guidance})")
+    print(f"wrote {out} ({len(prompts)} images, {s.sampler}, {s.steps} steps, guidance {s.guidance})")
     if s.nifti:
         save_nifti(images, s.nifti)
         print(f"wrote {s.nifti}")

@@ -34,10 +34,10 @@ SECTIONS = ("run", "data", "clip", "unet", "diffusion", "train", "classifier")
 
 def small_clip_config(cfg):
     c = cfg.clip
-    return CLIPConfig(embed_dim=c.clip_embed_dim, text_width=c.clip_width, text_layers=c.clip_layers,
-                      text_heads=max(1, c.clip_width // 64), image_resolution=cfg.data.image_size,
-                      vision_width=c.clip_vision_width, vision_layers=c.clip_vision_layers,
-                      vision_heads=max(1, c.clip_vision_width // 64), patch_size=c.clip_patch)
+    return CLIPConfig(embed_dim=c.embed_dim, text_width=c.width, text_layers=c.layers,
+                      text_heads=max(1, c.width // 64), image_resolution=cfg.data.image_size,
+                      vision_width=c.vision_width, vision_layers=c.vision_layers,
+                      vision_heads=max(1, c.vision_width // 64), patch_size=c.patch)
 
 
 def train_clip(cfg, d):
@@ -54,13 +54,13 @@ def train_clip(cfg, d):
     model = CLIP(small_clip_config(cfg)).to(d.device)
     ddp = training.wrap_ddp(model, d)
     c = cfg.clip
-    opt = torch.optim.AdamW(model.parameters(), lr=c.clip_lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: training.warmup_cosine(s, max(1, c.clip_steps // 20), c.clip_steps))
+        opt, lambda s: training.warmup_cosine(s, max(1, c.steps // 20), c.steps))
     g = torch.Generator().manual_seed(cfg.run.seed)
-    bar = tqdm(range(c.clip_steps), desc="clip", disable=not d.main)
+    bar = tqdm(range(c.steps), desc="clip", disable=not d.main)
     for step in bar:
-        ids = training.shard(train_ids[torch.randint(len(train_ids), (c.clip_batch,), generator=g)], d)
+        ids = training.shard(train_ids[torch.randint(len(train_ids), (c.batch,), generator=g)], d)
         x = preprocess(images[ids].to(d.device).float(), model.config.image_resolution)
         logits_per_image, _ = ddp(x, tokens[ids].to(d.device))
         loss = contrastive_loss(logits_per_image)
@@ -70,15 +70,15 @@ def train_clip(cfg, d):
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.train.log_every == 0 or step == c.clip_steps - 1:
+        if step % cfg.train.log_every == 0 or step == c.steps - 1:
             log(task="clip", step=step, loss=loss, lr=sched.get_last_lr()[0])
 
     model.eval()
     accuracy = zero_shot_accuracy(model, tokenizer, images[:n_val].float(), attributes[:n_val])
-    log(task="clip", step=c.clip_steps, **{f"zero_shot_{k}": v for k, v in accuracy.items()})
+    log(task="clip", step=c.steps, **{f"zero_shot_{k}": v for k, v in accuracy.items()})
     if d.main:
         print("zero-shot accuracy on held-out images: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
-        save_checkpoint(path, {"model": model.state_dict(), "step": c.clip_steps, "config": config_to_dict(cfg),
+        save_checkpoint(path, {"model": model.state_dict(), "step": c.steps, "config": config_to_dict(cfg),
                                "zero_shot": accuracy})
         print(f"saved {path}")
     return model
@@ -86,9 +86,9 @@ def train_clip(cfg, d):
 
 def text_encoder(cfg, d):
     """The frozen CLIP text encoder: --clip weights, else <run>/clip.pt, else train the small CLIP now."""
-    path = cfg.clip.clip or os.path.join(cfg.run_dir, "clip.pt")
+    path = cfg.clip.weights or os.path.join(cfg.run_dir, "clip.pt")
     if not os.path.exists(path):
-        if cfg.clip.clip:
+        if cfg.clip.weights:
             raise UserError(f"--clip {path}: no such file or folder")
         print(f"{path} not found: training the small CLIP first (python train.py --task clip)")
         train_clip(cfg, d)

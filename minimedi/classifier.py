@@ -200,7 +200,7 @@ def evaluate(logits, labels, temperature):
 def train_classifier(images, labels, cfg, device="cpu", log=None, generator=None):
     """Train a SubgroupClassifier on images [N, 1, H, W] and labels [N] (`cfg`: a ClassifierConfig).
 
-    A `cfg.cls_holdout` share is held out; the rest trains with AdamW under a cosine schedule and
+    A `cfg.holdout` share is held out; the rest trains with AdamW under a cosine schedule and
     augmentation. The temperature is then fitted on the held-out logits. Returns (model in eval mode,
     metrics with held-out accuracy, NLL and ECE before and after calibration, and the temperature).
     `log(**metrics)` is called every 50 steps if given.
@@ -212,22 +212,22 @@ def train_classifier(images, labels, cfg, device="cpu", log=None, generator=None
         raise UserError(f"classifier: labels must lie in 0..{num_classes - 1} for subgroup {cfg.subgroup!r}")
     generator = generator or torch.Generator().manual_seed(0)
     order = torch.randperm(len(images), generator=generator)
-    n_val = max(1, round(cfg.cls_holdout * len(images)))
+    n_val = max(1, round(cfg.holdout * len(images)))
     val, train = order[:n_val], order[n_val:]
 
-    model = SubgroupClassifier(num_classes, cfg.cls_width, images.shape[1], cfg.cls_arch).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.cls_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.cls_steps))
+    model = SubgroupClassifier(num_classes, cfg.width, images.shape[1], cfg.arch).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
     model.train()
-    for step in tqdm(range(cfg.cls_steps), desc="classifier", leave=False, disable=None):
-        batch = train[torch.randint(len(train), (cfg.cls_batch,), generator=generator)]
+    for step in tqdm(range(cfg.steps), desc="classifier", leave=False, disable=None):
+        batch = train[torch.randint(len(train), (cfg.batch,), generator=generator)]
         x = augment(images[batch], generator).to(device)
         loss = F.cross_entropy(model(x), labels[batch].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         schedule.step()
-        if log is not None and (step % 50 == 0 or step == cfg.cls_steps - 1):
+        if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
             log(task="classifier", step=step, loss=loss.item())
 
     logits = predict_logits(model, images[val], device)
@@ -243,6 +243,6 @@ def load_classifier(path, device="cpu"):
     """(classifier in eval mode with its temperature, checkpoint dict) from a `classifier.pt`-style file."""
     ckpt = load_checkpoint(path)
     c = ckpt["config"]["classifier"]
-    model = SubgroupClassifier(len(ckpt["classes"]), c["cls_width"], arch=c.get("cls_arch", "resnet"))
+    model = SubgroupClassifier(len(ckpt["classes"]), c["width"], arch=c.get("arch", "resnet"))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().requires_grad_(False), ckpt

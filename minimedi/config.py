@@ -1,14 +1,18 @@
 """Configuration: plain dataclasses, named presets, and command-line flags generated from the fields.
 
-A `Config` is a handful of sections (data, clip, unet, diffusion, train, classifier, align, sample).
-A preset is a *named set of overrides* on top of the dataclass defaults, so nothing is copied:
+A `Config` is a handful of sections (run, data, clip, unet, diffusion, train, sr, classifier, align,
+sample, eval). A preset is a *named set of overrides* on top of the dataclass defaults, so nothing is
+copied:
 
     cfg = make_config("tiny")                          # defaults + the tiny overrides
     cfg = make_config("default", train={"steps": 10})  # plus your own
 
-Every field becomes a flag `--field-name` of the field's type, e.g. `train.grad_clip` -> `--grad-clip`.
-Field names are unique across sections so the flags stay short (`--lambda-clip 0.5`, `--n 16`).
-`parse_config(argv, sections=...)` reads `--preset` first, so `--help` shows that preset's values.
+Every field becomes a flag. A field's name reads well inside its section (`cfg.align.steps`,
+`cfg.classifier.width`); its flag is `--<name>` or the `flag=` of its metadata when the bare name would
+be ambiguous on a command line (`--align-steps`, `--cls-width`). A field may also state its valid range
+(`ge`, `gt`, `le`, `lt`) or `choices`: `parse_config` checks every value before any work starts and
+turns a bad one into one line and exit code 2. `parse_config(argv, sections=...)` reads `--preset`
+first, so `--help` shows that preset's values.
 """
 import argparse
 import dataclasses
@@ -16,137 +20,157 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
+from minimedi.errors import UserError
 
-def opt(default, help, **argparse_kwargs):
-    """A dataclass field with its `--help` text (and e.g. `choices`, `aliases`) kept beside the default."""
-    meta = {"help": help, **argparse_kwargs}
+BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def opt(default, help, flag=None, **meta):
+    """A dataclass field with its `--help` text, and optionally its flag name, valid range
+    (ge / gt / le / lt), `choices` or `aliases`, kept beside the default."""
+    meta = {"help": help, "flag": flag, **meta}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def flag_name(f):
+    """The command-line flag of a dataclass field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
 @dataclass
 class RunConfig:
     # --run-dir spells the same flag for torchrun, whose own parser mistakes `--run` for its `--run-path`.
-    run: str = opt("", "run directory (default: runs/<preset>)", aliases=("--run-dir",))
-    seed: int = opt(0, "global random seed")
+    dir: str = opt("", "run directory (default: runs/<preset>)", flag="--run", aliases=("--run-dir",))
+    seed: int = opt(0, "global random seed", ge=0)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    resume: bool = opt(False, "continue from the run's checkpoint")
+    resume: bool = opt(False, "continue the artifact's interrupted (or finished, to extend it) training run")
     compile: bool = opt(False, "torch.compile the UNet for training and sampling (slow first step; see benchmarks)")
 
 
 @dataclass
 class DataConfig:
-    image_size: int = opt(32, "image side in pixels")
-    data: str = opt("phantom", "pretraining data: phantom | roco:PATH | rocov2:PATH")
+    image_size: int = opt(32, "image side in pixels (the base model's resolution)", ge=8)
+    pretrain: str = opt("phantom", "pretraining data: phantom | roco:PATH | rocov2:PATH", flag="--data")
     target: str = opt("phantom", "target data for the subgroup classifier: phantom | brats:PATH")
     labels: str = opt("", "labels CSV for --target brats:PATH: subject,sex[,age] or OASIS-1 columns ID,M/F,Age")
-    modality: str = opt("flair", "BraTS modality: t1 | t1ce | t2 | flair")
-    n_pretrain: int = opt(20000, "size of the phantom pretraining corpus")
-    n_target: int = opt(4000, "size of the phantom target corpus")
-    pretrain_female: float = opt(0.2, "female share of the phantom pretraining corpus (the bias)")
-    target_corpus_female: float = opt(0.45, "female share of the phantom target corpus")
-    pretrain_tumor: float = opt(0.6, "glioma share of the phantom pretraining corpus (the rest are normal)")
-    data_seed: int = opt(0, "seed of the phantom corpora")
+    modality: str = opt("flair", "BraTS modality", choices=("t1", "t1ce", "t2", "flair"))
+    n_pretrain: int = opt(20000, "size of the phantom pretraining corpus", ge=1)
+    n_target: int = opt(4000, "size of the phantom target corpus", ge=10)
+    pretrain_female: float = opt(0.2, "female share of the phantom pretraining corpus (the bias)", ge=0, le=1)
+    target_corpus_female: float = opt(0.45, "female share of the phantom target corpus", ge=0, le=1)
+    pretrain_tumor: float = opt(0.6, "glioma share of the phantom pretraining corpus (the rest are normal)",
+                                ge=0, le=1)
+    seed: int = opt(0, "seed of the phantom corpora", flag="--data-seed", ge=0)
 
 
 @dataclass
 class ClipConfig:
-    clip: str = opt("", "real CLIP weights (OpenAI .pt or Hugging Face folder/file); empty = train a small one")
-    clip_width: int = opt(128, "small CLIP: text width")
-    clip_layers: int = opt(3, "small CLIP: text layers")
-    clip_vision_width: int = opt(128, "small CLIP: vision width")
-    clip_vision_layers: int = opt(3, "small CLIP: vision layers")
-    clip_patch: int = opt(8, "small CLIP: vision patch size")
-    clip_embed_dim: int = opt(128, "small CLIP: joint embedding size")
-    clip_steps: int = opt(1000, "small CLIP: training steps")
-    clip_batch: int = opt(128, "small CLIP: batch size")
-    clip_lr: float = opt(1e-3, "small CLIP: peak learning rate")
+    weights: str = opt("", "real CLIP weights (OpenAI .pt or Hugging Face folder/file); empty = train a small one",
+                       flag="--clip")
+    width: int = opt(128, "small CLIP: text width", flag="--clip-width", ge=1)
+    layers: int = opt(3, "small CLIP: text layers", flag="--clip-layers", ge=1)
+    head_dim: int = opt(64, "small CLIP: attention head size (heads = width / head size, at least 1)",
+                        flag="--clip-head-dim", ge=1)
+    vision_width: int = opt(128, "small CLIP: vision width", flag="--clip-vision-width", ge=1)
+    vision_layers: int = opt(3, "small CLIP: vision layers", flag="--clip-vision-layers", ge=1)
+    patch: int = opt(8, "small CLIP: vision patch size", flag="--clip-patch", ge=1)
+    embed_dim: int = opt(128, "small CLIP: joint embedding size", flag="--clip-embed-dim", ge=1)
+    steps: int = opt(1000, "small CLIP: training steps", flag="--clip-steps", ge=1)
+    batch: int = opt(128, "small CLIP: global batch size", flag="--clip-batch", ge=2)
+    lr: float = opt(1e-3, "small CLIP: peak learning rate", flag="--clip-lr", gt=0)
 
 
 @dataclass
 class UNetConfig:
-    dim: int = opt(32, "base channel width")
-    dim_mults: tuple = opt((1, 2, 4), "width multiplier per resolution level")
-    num_res_blocks: int = opt(1, "residual blocks per level")
-    attn_resolutions: tuple = opt((8,), "feature-map sides that get self- and cross-attention")
-    head_dim: int = opt(32, "attention head size")
-    groups: int = opt(8, "GroupNorm groups")
-    cond_drop: float = opt(0.1, "caption dropout for classifier-free guidance")
+    dim: int = opt(32, "base channel width", ge=1)
+    dim_mults: tuple = opt((1, 2, 4), "width multiplier per resolution level", ge=1)
+    num_res_blocks: int = opt(1, "residual blocks per level", ge=1)
+    attn_resolutions: tuple = opt((8,), "feature-map sides that get self- and cross-attention", ge=1)
+    head_dim: int = opt(32, "attention head size", ge=1)
+    groups: int = opt(8, "GroupNorm groups", ge=1)
+    cond_drop: float = opt(0.1, "caption dropout for classifier-free guidance", ge=0, lt=1)
 
 
 @dataclass
 class DiffusionConfig:
     schedule: str = opt("cosine", "log-SNR schedule", choices=("cosine", "linear"))
     prediction: str = opt("v", "network target", choices=("eps", "v"))
-    min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)")
-    dynamic_threshold: float = opt(0.95, "Imagen dynamic-thresholding percentile when sampling (0 = off)")
+    min_snr_gamma: float = opt(5.0, "min-SNR-gamma loss weighting (0 = off)", ge=0)
+    dynamic_threshold: float = opt(0.95, "Imagen dynamic-thresholding percentile when sampling (0 = off)",
+                                   ge=0, lt=1)
 
 
 @dataclass
 class TrainConfig:
     task: str = opt("diffusion", "what to train", choices=("diffusion", "clip", "classifier"))
-    steps: int = opt(1500, "optimisation steps")
-    batch_size: int = opt(64, "global batch size")
-    lr: float = opt(1e-3, "peak learning rate (AdamW)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup: int = opt(100, "linear warm-up steps")
-    grad_clip: float = opt(1.0, "gradient norm clip")
-    ema_decay: float = opt(0.995, "EMA decay of the weights")
-    log_every: int = opt(25, "log metrics every N steps")
-    sample_every: int = opt(500, "write a sample grid every N steps (0 = never)")
-    ckpt_every: int = opt(250, "write a checkpoint every N steps")
+    steps: int = opt(1500, "optimisation steps", ge=1)
+    batch_size: int = opt(64, "global batch size", ge=1)
+    lr: float = opt(1e-3, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
+    warmup: int = opt(100, "linear warm-up steps", ge=0)
+    grad_clip: float = opt(1.0, "gradient norm clip", gt=0)
+    ema_decay: float = opt(0.995, "EMA decay of the weights", ge=0, lt=1)
+    log_every: int = opt(25, "log metrics every N steps", ge=1)
+    sample_every: int = opt(500, "write a sample grid every N steps (0 = never)", ge=0)
+    ckpt_every: int = opt(250, "write a checkpoint every N steps (every task)", ge=1)
 
 
 @dataclass
 class ClassifierConfig:
     subgroup: str = opt("sex", "subgroup axis", choices=("sex", "age", "sex_age"))
-    cls_arch: str = opt("resnet", "classifier architecture", choices=("resnet", "vgg"))
-    cls_width: int = opt(32, "classifier base width")
-    cls_steps: int = opt(600, "classifier training steps")
-    cls_batch: int = opt(128, "classifier batch size")
-    cls_lr: float = opt(1e-3, "classifier learning rate")
-    cls_holdout: float = opt(0.2, "share of the target images held out for calibration and metrics")
+    arch: str = opt("resnet", "classifier architecture", flag="--cls-arch", choices=("resnet", "vgg"))
+    width: int = opt(32, "classifier base width", flag="--cls-width", ge=1)
+    steps: int = opt(600, "classifier training steps", flag="--cls-steps", ge=1)
+    batch: int = opt(128, "classifier batch size", flag="--cls-batch", ge=1)
+    lr: float = opt(1e-3, "classifier learning rate", flag="--cls-lr", gt=0)
+    holdout: float = opt(0.2, "share of the target images held out for calibration and metrics",
+                         flag="--cls-holdout", gt=0, lt=1)
 
 
 @dataclass
 class AlignConfig:
-    lambda_clip: float = opt(0.5, "weight of the CLIP-consistency (distillation) loss")
-    target_female: typing.Optional[float] = opt(None, "target female share (default: the target corpus')")
-    align_loss: str = opt("dal", "alignment loss", choices=("dal", "kl"))
-    align_steps: int = opt(150, "alignment tuning steps")
-    align_batch: int = opt(24, "images generated per step")
-    align_lr: float = opt(1e-3, "alignment learning rate")
-    align_ddim_steps: int = opt(10, "DDIM steps in the differentiable sampler")
-    align_grad_steps: int = opt(3, "of those, how many (a random subset per step) carry gradient; 0 = all")
-    align_checkpoint: bool = opt(False, "gradient checkpointing of the UNet calls (memory flat in the steps)")
-    align_guidance: float = opt(3.0, "classifier-free guidance scale while tuning")
-    uncertainty: float = opt(0.2, "drop assignments whose binomial uncertainty exceeds this")
-    lora_rank: int = opt(8, "LoRA rank")
+    lambda_clip: float = opt(0.5, "weight of the CLIP-consistency (distillation) loss", ge=0)
+    target_female: typing.Optional[float] = opt(None, "target female share (default: the target corpus')",
+                                                ge=0, le=1)
+    loss: str = opt("dal", "alignment loss", flag="--align-loss", choices=("dal", "kl"))
+    steps: int = opt(150, "alignment tuning steps", flag="--align-steps", ge=1)
+    batch: int = opt(24, "images generated per step", flag="--align-batch", ge=2)
+    lr: float = opt(1e-3, "alignment learning rate", flag="--align-lr", gt=0)
+    ddim_steps: int = opt(10, "DDIM steps in the differentiable sampler", flag="--align-ddim-steps", ge=1)
+    grad_steps: int = opt(3, "of those, how many (a random subset per step) carry gradient; 0 = all",
+                          flag="--align-grad-steps", ge=0)
+    checkpoint: bool = opt(False, "gradient checkpointing of the UNet calls (memory flat in the steps)",
+                           flag="--align-checkpoint")
+    guidance: float = opt(3.0, "classifier-free guidance scale while tuning", flag="--align-guidance", ge=0)
+    uncertainty: float = opt(0.2, "drop assignments whose binomial uncertainty exceeds this", ge=0, le=1)
+    lora_rank: int = opt(8, "LoRA rank", ge=1)
     full: bool = opt(False, "tune the whole UNet instead of LoRA adapters")
-    align_ema: float = opt(0.95, "EMA decay of the tuned weights")
+    ema: float = opt(0.95, "EMA decay of the tuned weights", flag="--align-ema", ge=0, lt=1)
     report: bool = opt(True, "when done, write the before/after fairness report (python -m minimedi.evaluate)")
 
 
 @dataclass
 class SampleConfig:
     prompt: list = opt([], "caption (repeat for several)")
-    n: int = opt(16, "images per prompt")
-    sample_steps: int = opt(50, "sampler steps")
+    n: int = opt(16, "images per prompt", ge=1)
+    steps: int = opt(50, "sampler steps", flag="--sample-steps", ge=1)
     sampler: str = opt("ddim", "sampler", choices=("ddpm", "ddim", "dpmpp2m"))
-    eta: float = opt(0.0, "DDIM eta (0 = deterministic)")
-    guidance: float = opt(3.0, "classifier-free guidance scale")
+    eta: float = opt(0.0, "DDIM eta (0 = deterministic)", ge=0)
+    guidance: float = opt(3.0, "classifier-free guidance scale", ge=0)
     out: str = opt("", "output PNG (default: <run>/samples/sample.png)")
-    model: str = opt("diffusion", "which weights", choices=("diffusion", "aligned"))
+    model: str = opt("diffusion", "which weights: diffusion | aligned | the path of an exported model folder")
     nifti: str = opt("", "also write the images as a NIfTI stack here")
     truncate: bool = opt(False, "cut prompts longer than 77 CLIP tokens instead of refusing them")
 
 
 @dataclass
 class EvalConfig:
-    eval_n: int = opt(4, "evaluation: images per held-out prompt (64 prompts)")
-    eval_steps: int = opt(50, "evaluation: DDIM steps")
-    probe_steps: int = opt(800, "evaluation: training steps of the attribute probe")
+    n: int = opt(4, "evaluation: images per held-out prompt (64 prompts)", flag="--eval-n", ge=1)
+    steps: int = opt(50, "evaluation: DDIM steps", flag="--eval-steps", ge=1)
+    probe_steps: int = opt(800, "evaluation: training steps of the attribute probe", ge=1)
 
 
 @dataclass
@@ -165,7 +189,7 @@ class Config:
 
     @property
     def run_dir(self):
-        return self.run.run or f"runs/{self.preset}"
+        return self.run.dir or f"runs/{self.preset}"
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "preset")
@@ -175,33 +199,31 @@ PRESETS = {
     # Seconds per task: what tests and CI run.
     "tiny": {
         "data": {"image_size": 16, "n_pretrain": 512, "n_target": 256},
-        "clip": {"clip_width": 64, "clip_layers": 2, "clip_vision_width": 64, "clip_vision_layers": 2,
-                 "clip_embed_dim": 64, "clip_steps": 20, "clip_batch": 32},
+        "clip": {"width": 64, "layers": 2, "vision_width": 64, "vision_layers": 2, "embed_dim": 64, "steps": 20,
+                 "batch": 32},
         "unet": {"dim": 16, "dim_mults": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,),
                  "head_dim": 16, "groups": 4},
         "train": {"steps": 20, "batch_size": 8, "warmup": 5, "log_every": 5, "sample_every": 0,
                   "ckpt_every": 10},
-        "classifier": {"cls_width": 8, "cls_steps": 20, "cls_batch": 32},
-        "align": {"align_steps": 4, "align_batch": 4, "align_ddim_steps": 4, "align_grad_steps": 2, "lora_rank": 2,
-                  "report": False},
-        "sample": {"n": 2, "sample_steps": 4},
-        "eval": {"eval_n": 1, "eval_steps": 2, "probe_steps": 10},
+        "classifier": {"width": 8, "steps": 20, "batch": 32},
+        "align": {"steps": 4, "batch": 4, "ddim_steps": 4, "grad_steps": 2, "lora_rank": 2, "report": False},
+        "sample": {"n": 2, "steps": 4},
+        "eval": {"n": 1, "steps": 2, "probe_steps": 10},
     },
     # The embedded phantom corpus at 32x32, sized for a 2-core CPU: the field defaults.
     "default": {},
     # 64x64 on real ROCO + BraTS paths, for a GPU (multi-GPU with torchrun).
     "paper": {
         "data": {"image_size": 64},
-        "clip": {"clip_width": 512, "clip_layers": 8, "clip_vision_width": 512, "clip_vision_layers": 8,
-                 "clip_patch": 8, "clip_embed_dim": 512, "clip_steps": 20000, "clip_batch": 512},
+        "clip": {"width": 512, "layers": 8, "vision_width": 512, "vision_layers": 8, "patch": 8, "embed_dim": 512,
+                 "steps": 20000, "batch": 512},
         "unet": {"dim": 128, "dim_mults": (1, 2, 3, 4), "num_res_blocks": 3, "attn_resolutions": (32, 16, 8),
                  "head_dim": 64, "groups": 32},
         "train": {"steps": 200000, "batch_size": 256, "lr": 1e-4, "warmup": 2000, "ema_decay": 0.9999,
                   "sample_every": 5000, "ckpt_every": 2000},
-        "classifier": {"cls_width": 64, "cls_steps": 10000},
-        "align": {"align_steps": 2000, "align_batch": 24, "align_lr": 1e-4, "align_ema": 0.995, "align_ddim_steps": 20,
-                  "align_grad_steps": 0, "align_checkpoint": True,
-                  "lora_rank": 50},
+        "classifier": {"width": 64, "steps": 10000},
+        "align": {"steps": 2000, "batch": 24, "lr": 1e-4, "ema": 0.995, "ddim_steps": 20, "grad_steps": 0,
+                  "checkpoint": True, "lora_rank": 50},
     },
 }
 
@@ -209,7 +231,6 @@ PRESETS = {
 def make_config(preset="default", **overrides):
     """The dataclass defaults, then the preset's overrides, then `overrides` (section -> {field: value})."""
     if preset not in PRESETS:
-        from minimedi.errors import UserError
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = Config(preset=preset)
     for layer in (PRESETS[preset], overrides):
@@ -219,7 +240,7 @@ def make_config(preset="default", **overrides):
 
 
 def config_to_dict(cfg):
-    """A plain dict (only str/int/float/bool/list/None), safe for `torch.load(weights_only=True)`."""
+    """A plain dict (only str/int/float/bool/list/None), safe for `torch.load(weights_only=True)` and JSON."""
     def plain(v):
         return list(v) if isinstance(v, tuple) else v
     d = {"preset": cfg.preset}
@@ -240,6 +261,36 @@ def config_from_dict(d):
     return cfg
 
 
+# ---- validation: every value checked before any work ---------------------------------------------
+
+def field_errors(section):
+    """'--flag value: must be ...' for every field of a config section outside its stated range."""
+    errors = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            errors.append(f"{flag_name(f)} {value}: choose one of {', '.join(map(str, f.metadata['choices']))}")
+        for key, (sign, ok) in BOUNDS.items():
+            bound = f.metadata.get(key)
+            if bound is not None and any(v is not None and not ok(v, bound) for v in values):
+                shown = " ".join(map(str, values))
+                errors.append(f"{flag_name(f)} {shown}: must be {sign} {bound}")
+        if isinstance(value, float) and value != value:
+            errors.append(f"{flag_name(f)} nan: not a number")
+    return errors
+
+
+def check_config(cfg, sections=SECTIONS):
+    """Raise one `UserError` naming the first flag whose value is out of range."""
+    for s in sections:
+        errors = field_errors(getattr(cfg, s))
+        if errors:
+            raise UserError(errors[0])
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
@@ -248,9 +299,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_field(group, f, typ, default):
-    flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
-    kwargs = {"help": f"{f.metadata.get('help', '')} [{default}]", "dest": f.name}
+def _add_field(group, section, f, typ, default):
+    flags = [flag_name(f), *f.metadata.get("aliases", ())]
+    kwargs = {"help": f"{f.metadata.get('help', '')} [{default}]", "dest": f"{section}.{f.name}"}
     if "choices" in f.metadata:
         kwargs["choices"] = f.metadata["choices"]
     if typ is bool:
@@ -267,36 +318,40 @@ def _add_field(group, f, typ, default):
 
 def build_parser(cfg, sections, description=""):
     """An argparse parser with one flag per field of the named sections, defaulting to `cfg`'s values."""
-    parser = _Parser(description=description)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=tuple(PRESETS), default=cfg.preset, help="named preset [%(default)s]")
     for s in sections:
         section = getattr(cfg, s)
         group = parser.add_argument_group(s)
         hints = typing.get_type_hints(type(section))
         for f in dataclasses.fields(section):
-            _add_field(group, f, hints[f.name], getattr(section, f.name))
+            _add_field(group, s, f, hints[f.name], getattr(section, f.name))
     return parser
 
 
 def parse_config(argv=None, sections=SECTIONS, description=""):
-    """Parse `argv` into a Config: preset first, then every flag of `sections` on top of it."""
+    """Parse `argv` into a Config: preset first, then every flag of `sections` on top of it, then the
+    range check of every value (one line and exit code 2 for the first bad one)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = _Parser(add_help=False)
     pre.add_argument("--preset", choices=tuple(PRESETS), default="default")
     preset = pre.parse_known_args(argv)[0].preset
     cfg = make_config(preset)
-    args = build_parser(cfg, sections, description).parse_args(argv)
+    parser = build_parser(cfg, sections, description)
+    args = parser.parse_args(argv)
     for s in sections:
         section = getattr(cfg, s)
         hints = typing.get_type_hints(type(section))
         values = {}
         for f in dataclasses.fields(section):
-            v = getattr(args, f.name)
+            v = getattr(args, f"{s}.{f.name}")
             if hints[f.name] is tuple:
                 v = tuple(v)
             elif hints[f.name] is list and v is None:  # an `append` flag never given
                 v = getattr(section, f.name)
             values[f.name] = v
         setattr(cfg, s, dataclasses.replace(section, **values))
+        errors = field_errors(getattr(cfg, s))
+        if errors:
+            parser.error(errors[0])
     return cfg
-

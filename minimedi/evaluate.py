@@ -91,7 +91,7 @@ def load_check_classifier(cfg, data_cfg, device):
     path = os.path.join(cfg.run_dir, "sex_check.pt")
     if not os.path.exists(path):
         print(f"training the independent sex classifier (vgg, seed {cfg.run.seed + 1}) -> {path}")
-        c = dataclasses.replace(cfg.classifier, subgroup="sex", cls_arch="vgg")
+        c = dataclasses.replace(cfg.classifier, subgroup="sex", arch="vgg")
         images, _, attributes = load_target_data(data_cfg)
         torch.manual_seed(cfg.run.seed + 1)
         model, metrics = train_classifier(images.float(), subgroup_labels(attributes, "sex"), c, device,
@@ -105,7 +105,7 @@ def reference_images(cfg, n=1280):
     """(images, sex labels [N], captions) of real target images: a fresh phantom target corpus (another seed
     than the one the classifiers learned from), or the `--target` data itself."""
     if cfg.data.target == "phantom":
-        corpus = PhantomCorpus(n, cfg.data.image_size, cfg.data.target_corpus_female, cfg.data.data_seed + 1, "target")
+        corpus = PhantomCorpus(n, cfg.data.image_size, cfg.data.target_corpus_female, cfg.data.seed + 1, "target")
         attributes = [corpus.attributes(i) for i in range(n)]
         return corpus.images(), subgroup_labels(attributes, "sex"), [a["caption"] for a in attributes]
     images, captions, attributes = load_target_data(cfg.data)
@@ -182,8 +182,8 @@ def fairness_report(cfg, device):
     generators = {which: load_generator(run, which, device) for which in models}
     base_cfg = generators["diffusion"][2]
     prompts = evaluation_prompts()
-    texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.eval_n)]
-    prompted = [p for p in prompts for _ in range(cfg.eval.eval_n)]
+    texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.n)]
+    prompted = [p for p in prompts for _ in range(cfg.eval.n)]
     real, real_labels, captions = reference_images(base_cfg)
     # Real images outside the reference set, as many as each model generates: their FID is the floor that
     # sampling noise alone puts under any model's FID at this sample size.
@@ -194,7 +194,7 @@ def fairness_report(cfg, device):
     judges = {"classifier": classifier, "check": check, "probe": probe, "tokenizer": Tokenizer(),
               "training": load_pretraining_data(base_cfg.data)[0], "reference_labels": labels,
               "reference_features": probe_features(probe, reference)}
-    report = {"target_female": target, "images_per_model": len(texts), "steps": cfg.eval.eval_steps,
+    report = {"target_female": target, "images_per_model": len(texts), "steps": cfg.eval.steps,
               "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "models": {},
               "classifier_heldout_accuracy": ckpt["metrics"]["accuracy"],
               "check_classifier_heldout_accuracy": check_ckpt["metrics"]["accuracy"]}
@@ -205,8 +205,8 @@ def fairness_report(cfg, device):
             unet.compile()
         judges["clip"] = encoder.clip
         start = time.time()
-        images[which] = generate(unet, encoder, model_cfg, [p["prompt"] for p in prompts], cfg.eval.eval_n,
-                                 cfg.eval.eval_steps, cfg.sample.guidance, cfg.run.seed, device)
+        images[which] = generate(unet, encoder, model_cfg, [p["prompt"] for p in prompts], cfg.eval.n,
+                                 cfg.eval.steps, cfg.sample.guidance, cfg.run.seed, device)
         seconds = time.time() - start
         report["models"][which] = {**judge(images[which], texts, prompted, judges),
                                    "seconds_per_image": seconds / len(texts)}

@@ -85,7 +85,7 @@ def test_resume_continues_exactly(base_run, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target-female", "1.5"], "must lie in [0, 1]"),
+    (["--target-female", "1.5"], "must be <= 1"),
     (["--align-loss", "l2"], "invalid choice"),
     (["--lambda-clip"], "expected one argument"),
 ])

@@ -26,7 +26,7 @@ def disks(n, seed, size=16):
 
 def test_learns_a_size_task_well_above_chance():
     images, labels = disks(600, seed=0)
-    cfg = make_config("tiny", classifier={"cls_steps": 100, "cls_batch": 32, "cls_lr": 3e-3}).classifier
+    cfg = make_config("tiny", classifier={"steps": 100, "batch": 32, "lr": 3e-3}).classifier
     logged = []
     model, metrics = train_classifier(images, labels, cfg, "cpu", log=lambda **m: logged.append(m),
                                       generator=torch.Generator().manual_seed(0))
@@ -120,7 +120,7 @@ def test_the_vgg_check_architecture_learns_and_round_trips(tmp_path):
     from minimedi.config import config_to_dict
 
     images, labels = disks(600, seed=0)
-    cfg = make_config("tiny", classifier={"cls_arch": "vgg", "cls_steps": 100, "cls_batch": 32, "cls_lr": 3e-3})
+    cfg = make_config("tiny", classifier={"arch": "vgg", "steps": 100, "batch": 32, "lr": 3e-3})
     torch.manual_seed(0)
     model, metrics = train_classifier(images, labels, cfg.classifier, generator=torch.Generator().manual_seed(0))
     assert metrics["accuracy"] > 0.72

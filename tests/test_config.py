@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from minimedi.config import (PRESETS, SECTIONS, Config, config_from_dict, config_to_dict, make_config,
-                             parse_config)
+from minimedi.config import (PRESETS, SECTIONS, Config, config_from_dict, config_to_dict, flag_name,
+                             make_config, parse_config)
 from minimedi.errors import UserError
 
 
@@ -13,8 +13,9 @@ def test_flag_names_unique_across_sections():
     seen = {}
     for s in SECTIONS:
         for f in dataclasses.fields(getattr(Config(), s)):
-            assert f.name not in seen, f"{f.name} in both {s} and {seen.get(f.name)}"
-            seen[f.name] = s
+            for flag in (flag_name(f), *f.metadata.get("aliases", ())):
+                assert flag not in seen, f"{flag} in both {s} and {seen.get(flag)}"
+                seen[flag] = s
 
 
 def test_presets_only_name_existing_fields():
@@ -71,4 +72,4 @@ def test_help_lists_every_flag():
     assert r.returncode == 0
     for s in SECTIONS:
         for f in dataclasses.fields(getattr(Config(), s)):
-            assert "--" + f.name.replace("_", "-") in r.stdout
+            assert flag_name(f) in r.stdout

@@ -43,14 +43,14 @@ def _split_spec(spec, flag):
 
 def load_pretraining_data(cfg):
     """The image/caption corpus the diffusion model (and small CLIP) learn from: `--data`."""
-    kind, path = _split_spec(cfg.data, "--data")
+    kind, path = _split_spec(cfg.pretrain, "--data")
     if kind == "phantom":
         return materialize(pretraining_corpus(cfg), "rendering the phantom pretraining corpus")
     if kind == "roco":
         return materialize(ROCO(path, "train", cfg.image_size), "loading ROCO")
     if kind == "rocov2":
         return materialize(ROCOv2(path, "train", cfg.image_size), "loading ROCOv2")
-    raise UserError(f"--data {cfg.data!r}: expected phantom, roco:PATH or rocov2:PATH")
+    raise UserError(f"--data {cfg.pretrain!r}: expected phantom, roco:PATH or rocov2:PATH")
 
 
 def load_target_data(cfg):

@@ -314,10 +314,10 @@ class PhantomCorpus(Dataset):
 
 def pretraining_corpus(cfg):
     """The biased ROCO-like corpus of a `DataConfig`."""
-    return PhantomCorpus(cfg.n_pretrain, cfg.image_size, cfg.pretrain_female, cfg.data_seed, "pretrain",
+    return PhantomCorpus(cfg.n_pretrain, cfg.image_size, cfg.pretrain_female, cfg.seed, "pretrain",
                          p_tumor=cfg.pretrain_tumor)
 
 
 def target_corpus(cfg):
     """The labelled BraTS-like corpus of a `DataConfig` (all gliomas)."""
-    return PhantomCorpus(cfg.n_target, cfg.image_size, cfg.target_corpus_female, cfg.data_seed, "target")
+    return PhantomCorpus(cfg.n_target, cfg.image_size, cfg.target_corpus_female, cfg.seed, "target")
