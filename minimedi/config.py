@@ -105,7 +105,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    task: str = opt("diffusion", "what to train", choices=("diffusion", "clip", "classifier"))
+    task: str = opt("diffusion", "what to train", choices=("diffusion", "clip", "sr", "classifier"))
     steps: int = opt(1500, "optimisation steps", ge=1)
     batch_size: int = opt(64, "global batch size", ge=1)
     lr: float = opt(1e-3, "peak learning rate (AdamW)", gt=0)
@@ -116,6 +116,38 @@ class TrainConfig:
     log_every: int = opt(25, "log metrics every N steps", ge=1)
     sample_every: int = opt(500, "write a sample grid every N steps (0 = never)", ge=0)
     ckpt_every: int = opt(250, "write a checkpoint every N steps (every task)", ge=1)
+
+
+@dataclass
+class SRConfig:
+    """The super-resolution stage of the cascade (Imagen sec. 2.5): --image-size -> size, trained on crops."""
+    size: int = opt(128, "super-resolution stage: output side, a multiple of --image-size", flag="--sr-size", ge=16)
+    crop: int = opt(64, "super-resolution stage: training crop side (0 = the whole image)", flag="--sr-crop", ge=0)
+    n: int = opt(4000, "super-resolution stage: phantom slices rendered at both sizes for training",
+                 flag="--sr-n", ge=1)
+    dim: int = opt(16, "super-resolution UNet: channel width at the output resolution", flag="--sr-dim", ge=1)
+    dim_mults: tuple = opt((2, 4, 8), "super-resolution UNet: width multiplier per level (each level halves the "
+                           "side first)", flag="--sr-dim-mults", ge=1)
+    num_res_blocks: tuple = opt((1, 2, 2), "super-resolution UNet: residual blocks per level (more at low "
+                                "resolution)", flag="--sr-res-blocks", ge=1)
+    attn_resolutions: tuple = opt((16,), "super-resolution UNet: sides (at the output size) with cross-attention "
+                                  "to the caption", flag="--sr-attn-resolutions", ge=1)
+    head_dim: int = opt(32, "super-resolution UNet: attention head size", flag="--sr-head-dim", ge=1)
+    groups: int = opt(8, "super-resolution UNet: GroupNorm groups", flag="--sr-groups", ge=1)
+    cond_drop: float = opt(0.1, "super-resolution UNet: caption dropout for classifier-free guidance",
+                           flag="--sr-cond-drop", ge=0, lt=1)
+    steps: int = opt(1200, "super-resolution stage: optimisation steps", flag="--sr-steps", ge=1)
+    batch: int = opt(16, "super-resolution stage: global batch size", flag="--sr-batch", ge=1)
+    lr: float = opt(1e-3, "super-resolution stage: peak learning rate (AdamW)", flag="--sr-lr", gt=0)
+    min_snr_gamma: float = opt(0.0, "super-resolution stage: min-SNR-gamma loss weighting (0 = off: the plain "
+                               "v loss keeps the noisiest levels, where the condition is all there is)",
+                               flag="--sr-min-snr-gamma", ge=0)
+    aug_max: float = opt(0.5, "noise conditioning augmentation: training levels ~ U[0, this]", flag="--sr-aug-max",
+                         ge=0, le=1)
+    aug_level: float = opt(0.2, "noise conditioning augmentation: the fixed level when sampling",
+                           flag="--sr-aug-level", ge=0, le=1)
+    sample_steps: int = opt(20, "super-resolution stage: sampler steps", flag="--sr-sample-steps", ge=1)
+    guidance: float = opt(1.0, "super-resolution stage: classifier-free guidance scale", flag="--sr-guidance", ge=0)
 
 
 @dataclass
@@ -182,6 +214,7 @@ class Config:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -205,6 +238,8 @@ PRESETS = {
                  "head_dim": 16, "groups": 4},
         "train": {"steps": 20, "batch_size": 8, "warmup": 5, "log_every": 5, "sample_every": 0,
                   "ckpt_every": 10},
+        "sr": {"size": 32, "crop": 16, "n": 128, "dim": 8, "dim_mults": (2, 4), "num_res_blocks": (1, 1),
+               "attn_resolutions": (8,), "head_dim": 16, "groups": 4, "steps": 20, "batch": 8, "sample_steps": 4},
         "classifier": {"width": 8, "steps": 20, "batch": 32},
         "align": {"steps": 4, "batch": 4, "ddim_steps": 4, "grad_steps": 2, "lora_rank": 2, "report": False},
         "sample": {"n": 2, "steps": 4},
@@ -221,6 +256,9 @@ PRESETS = {
                  "head_dim": 64, "groups": 32},
         "train": {"steps": 200000, "batch_size": 256, "lr": 1e-4, "warmup": 2000, "ema_decay": 0.9999,
                   "sample_every": 5000, "ckpt_every": 2000},
+        "sr": {"size": 256, "crop": 128, "n": 20000, "dim": 64, "dim_mults": (2, 4, 8, 8),
+               "num_res_blocks": (2, 4, 8, 8), "attn_resolutions": (32, 16), "head_dim": 64, "groups": 32,
+               "steps": 100000, "batch": 64, "lr": 1e-4, "sample_steps": 50},
         "classifier": {"width": 64, "steps": 10000},
         "align": {"steps": 2000, "batch": 24, "lr": 1e-4, "ema": 0.995, "ddim_steps": 20, "grad_steps": 0,
                   "checkpoint": True, "lora_rank": 50},

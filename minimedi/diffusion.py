@@ -124,6 +124,32 @@ def training_losses(model_fn, x0, schedule="cosine", prediction="v", min_snr_gam
     return {"loss": min_snr_weight(log_snr, min_snr_gamma, prediction) * mse, "mse": mse, "log_snr": log_snr}
 
 
+# ---- noise conditioning augmentation (cascaded diffusion) ------------------------------------------
+
+def augmentation_log_snr(level, schedule="cosine"):
+    """The log-SNR of augmentation level s in [0, 1]: the schedule's lambda(s), and +inf at s = 0.
+
+    The level is a diffusion time on the model's own schedule, so "0.2" means the corruption x_t has at
+    t = 0.2. Level 0 is no corruption at all (alpha = 1, sigma = 0 exactly) rather than lambda(0) = 20.
+    """
+    level = torch.as_tensor(level, dtype=torch.float32)
+    return torch.where(level > 0, log_snr_schedule(schedule)(level), torch.full_like(level, math.inf))
+
+
+def noise_augment(x_low, level, noise, schedule="cosine"):
+    """(z, lambda_s): the low-resolution condition corrupted by the forward process at level s [B] or scalar.
+
+    Noise conditioning augmentation (Ho et al. 2021, "Cascaded Diffusion Models", sec. 4.2; Imagen sec. 2.5):
+    z = alpha_s x_low + sigma_s eps. A super-resolution model trained on clean low-resolution *data* would
+    trust every pixel of its condition, and at sampling time that condition is a *base sample*, with the
+    base model's own artefacts. Trained on z at random s and told lambda_s, it learns to treat the condition
+    as evidence of a given reliability; at sampling one fixed s trades fidelity to the base sample (small s)
+    against freedom to repair it (large s).
+    """
+    log_snr = augmentation_log_snr(level, schedule).to(x_low.device).expand(x_low.shape[0])
+    return q_sample(x_low, log_snr, noise), log_snr
+
+
 # ---- samplers: x at log_snrs[0] -> x at log_snrs[-1] ------------------------------------------------
 
 def sampling_log_snrs(steps, schedule="cosine", device="cpu"):
@@ -249,22 +275,44 @@ def dynamic_threshold(x0_hat, p=0.95):
     return torch.maximum(torch.minimum(x0_hat, s), -s) / s
 
 
-def make_denoiser(unet, text_tokens, text_mask, text_pooled, guidance=1.0, prediction="v", threshold=0.95):
+def make_denoiser(unet, text_tokens, text_mask, text_pooled, guidance=1.0, prediction="v", threshold=0.95,
+                  **unet_kwargs):
     """denoise(x, log_snr) -> x0_hat for the UNet on these captions, with classifier-free guidance.
 
     Conditional and unconditional (null caption) predictions come from ONE batched call; the guided
     prediction is uncond + guidance * (cond - uncond) (Ho & Salimans 2021). threshold: the dynamic
     thresholding percentile; 0 or None turns it off (as in the differentiable sampler of alignment).
+    unet_kwargs: further per-image conditioning tensors [B, ...] (the super-resolution UNet's low-resolution
+    image and augmentation level), the same in both halves of the batch: only the caption is dropped.
+    Guidance 1 is the conditional model alone, so it takes one call on the batch instead of two.
     """
+    if guidance == 1:
+        return make_conditional_denoiser(unet, text_tokens, text_mask, text_pooled, prediction, threshold,
+                                         **unet_kwargs)
     b = text_tokens.shape[0]
     drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(text_tokens.device)
     tokens2, mask2, pooled2 = (torch.cat([t, t]) for t in (text_tokens, text_mask, text_pooled))
+    kwargs2 = {k: torch.cat([v, v]) for k, v in unet_kwargs.items()}
 
     def denoise(x, log_snr):
         log_snr = torch.as_tensor(log_snr, device=x.device).expand(x.shape[0])
         cond, uncond = unet(torch.cat([x, x]), torch.cat([log_snr, log_snr]),
-                            tokens2, mask2, pooled2, drop_text=drop).chunk(2)
+                            tokens2, mask2, pooled2, drop_text=drop, **kwargs2).chunk(2)
         pred = uncond + guidance * (cond - uncond)
+        x0_hat, _ = x0_eps_from_pred(pred, x, log_snr, prediction)
+        return dynamic_threshold(x0_hat, threshold) if threshold else x0_hat
+
+    return denoise
+
+
+def make_conditional_denoiser(unet, text_tokens, text_mask, text_pooled, prediction="v", threshold=0.95,
+                              **unet_kwargs):
+    """denoise(x, log_snr) -> x0_hat of the UNet on these captions, unguided (`make_denoiser` at guidance 1)."""
+    keep = torch.zeros(text_tokens.shape[0], dtype=torch.bool, device=text_tokens.device)
+
+    def denoise(x, log_snr):
+        log_snr = torch.as_tensor(log_snr, device=x.device).expand(x.shape[0])
+        pred = unet(x, log_snr, text_tokens, text_mask, text_pooled, drop_text=keep, **unet_kwargs)
         x0_hat, _ = x0_eps_from_pred(pred, x, log_snr, prediction)
         return dynamic_threshold(x0_hat, threshold) if threshold else x0_hat
 

@@ -141,18 +141,24 @@ class CrossAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """One step of the UNet: a ResBlock, then (at attention resolutions) self- and cross-attention."""
+    """One step of the UNet: a ResBlock, then (at attention resolutions) self- and cross-attention.
 
-    def __init__(self, dim_in, dim_out, cond_dim, context_dim, cfg, attend):
+    The base UNet attends both ways or not at all; the super-resolution UNet (`sr_unet.py`) uses
+    cross-attention alone, so that it stays a convolution that can be trained on crops.
+    """
+
+    def __init__(self, dim_in, dim_out, cond_dim, context_dim, cfg, self_attend, cross_attend):
         super().__init__()
         self.res = ResBlock(dim_in, dim_out, cond_dim, cfg.groups)
-        self.self_attn = SelfAttention(dim_out, cfg.head_dim, cfg.groups) if attend else None
-        self.cross_attn = CrossAttention(dim_out, context_dim, cfg.head_dim, cfg.groups) if attend else None
+        self.self_attn = SelfAttention(dim_out, cfg.head_dim, cfg.groups) if self_attend else None
+        self.cross_attn = CrossAttention(dim_out, context_dim, cfg.head_dim, cfg.groups) if cross_attend else None
 
     def forward(self, x, cond, context, mask):
         x = self.res(x, cond)
         if self.self_attn is not None:
-            x = self.cross_attn(self.self_attn(x), context, mask)
+            x = self.self_attn(x)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, context, mask)
         return x
 
 
@@ -180,6 +186,27 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def caption_dropout(batch, cond_drop, training, device):
+    """Which captions to replace by the null caption [B]: with probability `cond_drop` in training, none in eval."""
+    if not training:
+        return torch.zeros(batch, dtype=torch.bool, device=device)
+    return torch.rand(batch, device=device) < cond_drop
+
+
+def text_conditioning(text_tokens, text_mask, text_pooled, drop_text, null_token, null_pooled):
+    """(pooled [B, P], context [B, L + 1, W], key mask [B, L + 1]) with the dropped captions nulled.
+
+    A dropped caption's pooled vector becomes `null_pooled` and all its tokens are masked away; `null_token`
+    is appended to every context and never masked, so no query faces an all-masked row.
+    """
+    b = text_tokens.shape[0]
+    keep = ~drop_text
+    pooled = torch.where(keep[:, None], text_pooled, null_pooled.to(text_pooled.dtype))
+    context = torch.cat([text_tokens, null_token.to(text_tokens.dtype).expand(b, 1, -1)], dim=1)
+    mask = torch.cat([text_mask & keep[:, None], keep.new_ones(b, 1)], dim=1)
+    return pooled, context, mask
 
 
 def check_config(cfg, image_size):
@@ -216,7 +243,8 @@ class UNet(nn.Module):
         self.null_token = nn.Parameter(torch.randn(text_dim))
 
         def block(dim_in, dim_out, side):
-            return Block(dim_in, dim_out, cond_dim, text_dim, cfg, side in cfg.attn_resolutions)
+            attend = side in cfg.attn_resolutions
+            return Block(dim_in, dim_out, cond_dim, text_dim, cfg, attend, attend)
 
         self.init_conv = nn.Conv2d(image_channels, dim, 3, padding=1)
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -231,8 +259,8 @@ class UNet(nn.Module):
             self.downsample.append(Downsample(ch) if level < last else nn.Identity())
 
         # The middle always attends: the lowest resolution is the cheapest place for global context.
-        self.mid = nn.ModuleList([Block(ch, ch, cond_dim, text_dim, cfg, True),
-                                  Block(ch, ch, cond_dim, text_dim, cfg, False)])
+        self.mid = nn.ModuleList([Block(ch, ch, cond_dim, text_dim, cfg, True, True),
+                                  Block(ch, ch, cond_dim, text_dim, cfg, False, False)])
 
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.dim_mults))):
@@ -252,20 +280,14 @@ class UNet(nn.Module):
 
     def conditioning(self, log_snr, text_tokens, text_mask, text_pooled, drop_text):
         """FiLM conditioning [B, 4*dim], and the context (+ null token) with its key mask."""
-        b = text_tokens.shape[0]
-        keep = ~drop_text
-        pooled = torch.where(keep[:, None], text_pooled, self.null_pooled.to(text_pooled.dtype))
+        pooled, context, mask = text_conditioning(text_tokens, text_mask, text_pooled, drop_text,
+                                                  self.null_token, self.null_pooled)
         cond = F.silu(self.time_mlp(sinusoidal_embedding(log_snr, self.cfg.dim)) + self.pooled_mlp(pooled))
-        null = self.null_token.to(text_tokens.dtype).expand(b, 1, -1)
-        context = torch.cat([text_tokens, null], dim=1)
-        mask = torch.cat([text_mask & keep[:, None], keep.new_ones(b, 1)], dim=1)
         return cond, context, mask
 
     def forward(self, x, log_snr, text_tokens, text_mask, text_pooled, drop_text=None):
         if drop_text is None:
-            drop_text = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            if self.training:
-                drop_text = torch.rand(x.shape[0], device=x.device) < self.cfg.cond_drop
+            drop_text = caption_dropout(x.shape[0], self.cfg.cond_drop, self.training, x.device)
         cond, context, mask = self.conditioning(log_snr, text_tokens, text_mask, text_pooled, drop_text)
 
         # Channels-last (NHWC) activations: oneDNN's CPU convolutions and cuDNN's tensor-core kernels work

@@ -250,3 +250,21 @@ def test_training_loss_decreases_when_overfitting_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0]
+
+
+# ---- noise conditioning augmentation ---------------------------------------------------------------
+
+def test_augmentation_levels_follow_the_schedule_and_zero_is_clean():
+    levels = torch.tensor([0.0, 0.1, 0.2, 0.5, 1.0])
+    log_snr = D.augmentation_log_snr(levels)
+    assert torch.isinf(log_snr[0]) and log_snr[0] > 0
+    torch.testing.assert_close(log_snr[1:], D.cosine_log_snr(levels[1:]))
+    # lambda(s) = -2 log tan(pi s / 2) away from the squeezed ends: level 0.5 has alpha = sigma
+    assert abs(log_snr[3].item()) < 1e-5
+    x, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    z, lam = D.noise_augment(x, 0.0, noise)
+    assert torch.equal(z, x) and torch.isinf(lam).all() and lam.shape == (4,)
+    z, lam = D.noise_augment(x, torch.tensor([0.0, 0.1, 0.3, 0.5]), noise)
+    alpha = torch.sigmoid(lam).sqrt()[:, None, None, None]
+    torch.testing.assert_close(z, alpha * x + (1 - alpha ** 2).sqrt() * noise)
+    assert torch.equal(z[0], x[0])

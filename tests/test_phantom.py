@@ -256,3 +256,13 @@ def test_prompt_sets():
 
 def test_evaluation_prompts_never_generated(pretrain_10k):
     assert {p["prompt"] for p in evaluation_prompts()}.isdisjoint(i["caption"] for i in pretrain_10k)
+
+
+def test_images_at_another_size_are_that_size_s_renders():
+    """`images(size=...)` renders the same slices as a corpus of that size: what the SR stage's pairs are."""
+    small, large = PhantomCorpus(6, 16, 0.5, seed=3), PhantomCorpus(6, 48, 0.5, seed=3)
+    assert torch.equal(small.images(size=48), large.images())
+    assert torch.equal(large.images([4, 1], size=16), small.images([4, 1]))
+    assert [small.caption(i) for i in range(6)] == [large.caption(i) for i in range(6)]
+    with pytest.raises(UserError):
+        small.images(size=4)

@@ -291,16 +291,23 @@ class PhantomCorpus(Dataset):
         s = s or self.slice(i)
         return {"caption": self.caption(i, s), **{k: s[k] for k in PUBLIC}, "label": int(s["sex"] == "female")}
 
-    def images(self, indices=None, batch_size=32):
+    def images(self, indices=None, batch_size=32, size=None):
         """Rendered images of `indices` (default: all), float32 [len, 1, size, size], bitwise equal to
-        `self[i]["image"]`."""
+        `self[i]["image"]`.
+
+        `size` (default: the corpus') renders the same slices at another resolution: the same anatomy,
+        pose, contrast and bias field, anti-aliased for that pixel size, with MR noise drawn per pixel at
+        that size. Two sizes give the super-resolution stage real renders at both ends of a pair."""
+        size = self.size if size is None else int(size)
+        if size < 8:
+            raise UserError(f"phantom corpus: need size >= 8, got {size}")
         indices = range(self.n) if indices is None else [self.check_index(i) for i in indices]
-        out = torch.empty(len(indices), 1, self.size, self.size, dtype=torch.float32)
+        out = torch.empty(len(indices), 1, size, size, dtype=torch.float32)
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             slices = [self.slice(i) for i in chunk]
-            noise = np.stack([draw_noise(self.rng(i, "noise"), self.size) for i in chunk])
-            out[start:start + len(chunk), 0] = torch.from_numpy(render(slices, self.size, noise))
+            noise = np.stack([draw_noise(self.rng(i, "noise"), size) for i in chunk])
+            out[start:start + len(chunk), 0] = torch.from_numpy(render(slices, size, noise))
         return out
 
     def __getitem__(self, i):

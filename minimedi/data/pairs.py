@@ -1,0 +1,37 @@
+"""Training pairs of the super-resolution stage: the same images at the base resolution and at the final one.
+
+The phantom renders every slice at any size (`PhantomCorpus.images(size=...)`), so both halves of a
+phantom pair are real renders: the high-resolution half is never an upsampled image posing as detail,
+and the low-resolution half is bit for bit what the base model learned from. Real corpora (ROCO, ROCOv2)
+exist at one resolution: they are loaded at the final size and the low half is their box filter
+(`resize.downsampled_pairs`; the base model's own images were resized from the originals by Pillow's
+antialiased bicubic, a slightly sharper filter, which noise conditioning augmentation absorbs).
+"""
+import torch
+from torch.utils.data import Subset
+
+from minimedi.data.load import materialize
+from minimedi.data.phantom import pretraining_corpus
+from minimedi.data.roco import ROCO, ROCOv2
+from minimedi.errors import UserError
+from minimedi.resize import downsampled_pairs
+
+REAL_CORPORA = {"roco": ROCO, "rocov2": ROCOv2}
+
+
+def load_sr_pairs(data_cfg, size, n):
+    """(low float16 [N, 1, s, s], high float16 [N, 1, size, size], captions [N]) for the first N = min(n, corpus)
+    items of the pretraining data `--data`, with s = data_cfg.image_size (the base model's side)."""
+    kind, _, path = data_cfg.pretrain.partition(":")
+    if kind == "phantom":
+        corpus = pretraining_corpus(data_cfg)
+        ids = range(min(n, len(corpus)))
+        low = corpus.images(ids).to(torch.float16)
+        high = corpus.images(ids, size=size).to(torch.float16)
+        return low, high, [corpus.caption(i) for i in ids]
+    if kind not in REAL_CORPORA or not path:
+        raise UserError(f"--data {data_cfg.pretrain!r}: expected phantom, roco:PATH or rocov2:PATH")
+    dataset = REAL_CORPORA[kind](path, "train", size)
+    high, captions, _ = materialize(Subset(dataset, range(min(n, len(dataset)))), f"loading {kind} at {size} px")
+    low, high = downsampled_pairs(high, data_cfg.image_size)
+    return low, high, captions
