@@ -1,6 +1,7 @@
 """minimedi's UNet against imagen-pytorch's `Unet` and diffusers' `UNet2DConditionModel` on the CPU.
 
     python benchmarks/bench_unet.py [--threads 2] [--repeats 7] [--train-batch 64] [--compile]
+    python benchmarks/bench_unet.py --sr [--threads 2] [--repeats 7] [--sr-train-batch 16]
 
 Run it with the benchmark venv, made once from the repository root (the peers need packages the
 library does not):
@@ -19,6 +20,14 @@ attention at 8x8, head_dim 32, 8 groups, text width 128 = the default small CLIP
   * one denoising step: batch 16 with classifier-free guidance, i.e. one UNet call on batch 32, with
     77 x 128 text context, under `torch.inference_mode`;
   * one training step: forward + backward + AdamW on batch --train-batch.
+
+The same two for the super-resolution stage (`--sr`), our `SRUNet` at the `default` preset (32 -> 128:
+width 16 at 128 px, levels of widths 32 / 64 / 128 at 64 / 32 / 16 px with 1 / 2 / 2 residual blocks,
+each level halving first, cross-attention at 16 px and in the middle, no self-attention) against
+imagen-pytorch's `Unet(lowres_cond=True, memory_efficient=True)` at the same widths, levels, block counts
+(its `num_resnet_blocks` counts blocks beyond each level's first), attention placement, 3x3 input
+convolution and final residual block: a denoising step on 16 images at 128 px (guidance 1, the SR
+default: one UNet call on batch 16) and a training step on --sr-train-batch crops of 64 px.
 
 The peers are configured to the same widths, depth, attention resolution and text context, and then
 to matched FLOPs (+-10%) where their design adds work: diffusers' up path has two resnets per level and
@@ -43,9 +52,11 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minimedi.config import make_config  # noqa: E402
+from minimedi.sr_unet import SRUNet  # noqa: E402
 from minimedi.unet import UNet  # noqa: E402
 
 SIZE, CONTEXT, TEXT_WIDTH, POOLED_WIDTH, STEP_BATCH = 32, 77, 128, 128, 32
+SR_SIZE, SR_CROP, SR_STEP_BATCH = 128, 64, 16
 PEAK_N = 2048  # the matmul that measures this machine's peak: 2 N^3 FLOPs
 
 
@@ -120,8 +131,39 @@ def diffusers_unet(UNet2DConditionModel, widths):
     return unet, call
 
 
-def denoise_step(call, batch=STEP_BATCH):
-    args = inputs(batch)
+def sr_inputs(batch, size):
+    """x, a noise level, the upsampled low-resolution image and its augmentation level, and text."""
+    g = torch.Generator().manual_seed(2)
+    x, t, tokens, mask, pooled = inputs(batch)
+    return (torch.randn(batch, 1, size, size, generator=g), t, torch.randn(batch, 1, size, size, generator=g),
+            torch.rand(batch, generator=g), tokens, mask, pooled)
+
+
+def ours_sr():
+    """Our SR UNet at the default preset; its call never drops a caption (SR guidance 1 by default)."""
+    unet = SRUNet(make_config("default").sr, TEXT_WIDTH, POOLED_WIDTH)
+
+    def call(x, t, low_res, aug, tokens, mask, pooled):
+        return unet(x, t, tokens, mask, pooled, drop_text=torch.zeros(x.shape[0], dtype=torch.bool),
+                    low_res=low_res, aug_log_snr=aug)
+    return unet, call
+
+
+def imagen_sr(ImagenUnet):
+    """imagen-pytorch's SR U-Net at our widths: `memory_efficient` downsamples before each level's blocks."""
+    unet = ImagenUnet(dim=16, dim_mults=(2, 4, 8), channels=1, text_embed_dim=TEXT_WIDTH, cond_dim=TEXT_WIDTH,
+                      num_resnet_blocks=(0, 1, 1), attn_heads=4, attn_dim_head=32, layer_attns=False,
+                      layer_cross_attns=(False, False, True), attend_at_middle=False, lowres_cond=True,
+                      memory_efficient=True, init_cross_embed=False, init_conv_kernel_size=3, max_text_len=CONTEXT)
+
+    def call(x, t, low_res, aug, tokens, mask, pooled):
+        return unet(x, t.sigmoid(), lowres_cond_img=low_res, lowres_noise_times=aug, text_embeds=tokens,
+                    text_mask=mask)
+    return unet, call
+
+
+def denoise_step(call, batch=STEP_BATCH, make_inputs=inputs):
+    args = make_inputs(batch)
 
     def step():
         with torch.inference_mode():
@@ -129,8 +171,8 @@ def denoise_step(call, batch=STEP_BATCH):
     return step
 
 
-def train_step(unet, call, batch):
-    args, target = inputs(batch), torch.randn(batch, 1, SIZE, SIZE)
+def train_step(unet, call, batch, make_inputs=inputs, size=SIZE):
+    args, target = make_inputs(batch), torch.randn(batch, 1, size, size)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
 
     def step():
@@ -192,10 +234,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds after the warm-up round [7]")
     parser.add_argument("--train-batch", type=int, default=64, help="training-step batch (the default preset's) [64]")
     parser.add_argument("--compile", action="store_true", help="also time our UNet under torch.compile")
+    parser.add_argument("--sr", action="store_true", help="the super-resolution U-Nets instead of the base ones")
+    parser.add_argument("--sr-train-batch", type=int, default=16, help="SR training-step batch of 64 px crops [16]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     ImagenUnet, UNet2DConditionModel = import_peers()
+    if args.sr:
+        return bench_sr(ImagenUnet, args)
 
     torch.manual_seed(0)
     builders = {"ours": ours, "imagen-pytorch": lambda: imagen(ImagenUnet),
@@ -224,6 +270,33 @@ def main():
     peak = 2 * PEAK_N ** 3 / 1e9 / seconds.pop("peak")
     table(f"Training step (batch {args.train_batch}, forward + backward + AdamW)", list(models), seconds, flops,
           params, peak)
+
+
+def bench_sr(ImagenUnet, args):
+    """The two workloads of the super-resolution stage, ours against imagen-pytorch's SR U-Net."""
+    torch.manual_seed(0)
+    models = {"ours": ours_sr(), "imagen-pytorch": imagen_sr(ImagenUnet)}
+    params = {name: sum(p.numel() for p in unet.parameters()) / 1e6 for name, (unet, _) in models.items()}
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs; SR step batch {SR_STEP_BATCH} "
+          f"at {SR_SIZE} px, train batch {args.sr_train_batch} crops of {SR_CROP} px")
+    for unet, _ in models.values():
+        unet.eval()
+    steps = {name: denoise_step(call, SR_STEP_BATCH, lambda b: sr_inputs(b, SR_SIZE))
+             for name, (_, call) in models.items()}
+    flops = count_flops(steps)
+    seconds = round_robin({**steps, "peak": peak_matmul()}, args.repeats)
+    peak = 2 * PEAK_N ** 3 / 1e9 / seconds.pop("peak")
+    table(f"SR denoising step ({SR_STEP_BATCH} images at {SR_SIZE} px, inference_mode)", list(models), seconds,
+          flops, params, peak)
+    for unet, _ in models.values():
+        unet.train()
+    steps = {name: train_step(unet, call, args.sr_train_batch, lambda b: sr_inputs(b, SR_CROP), SR_CROP)
+             for name, (unet, call) in models.items()}
+    flops = count_flops(steps)
+    seconds = round_robin({**steps, "peak": peak_matmul()}, args.repeats)
+    peak = 2 * PEAK_N ** 3 / 1e9 / seconds.pop("peak")
+    table(f"SR training step (batch {args.sr_train_batch} crops of {SR_CROP} px, forward + backward + AdamW)",
+          list(models), seconds, flops, params, peak)
 
 
 if __name__ == "__main__":
