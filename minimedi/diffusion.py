@@ -280,39 +280,24 @@ def make_denoiser(unet, text_tokens, text_mask, text_pooled, guidance=1.0, predi
     """denoise(x, log_snr) -> x0_hat for the UNet on these captions, with classifier-free guidance.
 
     Conditional and unconditional (null caption) predictions come from ONE batched call; the guided
-    prediction is uncond + guidance * (cond - uncond) (Ho & Salimans 2021). threshold: the dynamic
-    thresholding percentile; 0 or None turns it off (as in the differentiable sampler of alignment).
-    unet_kwargs: further per-image conditioning tensors [B, ...] (the super-resolution UNet's low-resolution
-    image and augmentation level), the same in both halves of the batch: only the caption is dropped.
-    Guidance 1 is the conditional model alone, so it takes one call on the batch instead of two.
+    prediction is uncond + guidance * (cond - uncond) (Ho & Salimans 2021). Guidance 1 is the conditional
+    model alone, so it makes one call on the batch instead of two. threshold: the dynamic thresholding
+    percentile; 0 or None turns it off (as in the differentiable sampler of alignment). unet_kwargs: further
+    per-image conditioning tensors [B, ...] (the super-resolution UNet's low-resolution image and its
+    augmentation level), the same in both halves of the batch: only the caption is dropped.
     """
-    if guidance == 1:
-        return make_conditional_denoiser(unet, text_tokens, text_mask, text_pooled, prediction, threshold,
-                                         **unet_kwargs)
-    b = text_tokens.shape[0]
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(text_tokens.device)
-    tokens2, mask2, pooled2 = (torch.cat([t, t]) for t in (text_tokens, text_mask, text_pooled))
-    kwargs2 = {k: torch.cat([v, v]) for k, v in unet_kwargs.items()}
+    b, copies = text_tokens.shape[0], 1 if guidance == 1 else 2
+    drop = (torch.arange(copies * b) >= b).to(text_tokens.device)
+    tokens, mask, pooled = (torch.cat([t] * copies) for t in (text_tokens, text_mask, text_pooled))
+    kwargs = {k: torch.cat([v] * copies) for k, v in unet_kwargs.items()}
 
     def denoise(x, log_snr):
         log_snr = torch.as_tensor(log_snr, device=x.device).expand(x.shape[0])
-        cond, uncond = unet(torch.cat([x, x]), torch.cat([log_snr, log_snr]),
-                            tokens2, mask2, pooled2, drop_text=drop, **kwargs2).chunk(2)
-        pred = uncond + guidance * (cond - uncond)
-        x0_hat, _ = x0_eps_from_pred(pred, x, log_snr, prediction)
-        return dynamic_threshold(x0_hat, threshold) if threshold else x0_hat
-
-    return denoise
-
-
-def make_conditional_denoiser(unet, text_tokens, text_mask, text_pooled, prediction="v", threshold=0.95,
-                              **unet_kwargs):
-    """denoise(x, log_snr) -> x0_hat of the UNet on these captions, unguided (`make_denoiser` at guidance 1)."""
-    keep = torch.zeros(text_tokens.shape[0], dtype=torch.bool, device=text_tokens.device)
-
-    def denoise(x, log_snr):
-        log_snr = torch.as_tensor(log_snr, device=x.device).expand(x.shape[0])
-        pred = unet(x, log_snr, text_tokens, text_mask, text_pooled, drop_text=keep, **unet_kwargs)
+        pred = unet(torch.cat([x] * copies), torch.cat([log_snr] * copies), tokens, mask, pooled, drop_text=drop,
+                    **kwargs)
+        if copies == 2:
+            cond, uncond = pred.chunk(2)
+            pred = uncond + guidance * (cond - uncond)
         x0_hat, _ = x0_eps_from_pred(pred, x, log_snr, prediction)
         return dynamic_threshold(x0_hat, threshold) if threshold else x0_hat
 

@@ -130,10 +130,12 @@ class SRUNet(nn.Module):
             ch = out
 
         # The one residual block at the output resolution reads the input convolution's features: x_t and
-        # the condition, unblurred by any downsampling.
+        # the condition, unblurred by any downsampling. The output convolution reads the condition itself
+        # beside the normalised features (as imagen-pytorch's SR U-Net does): GroupNorm takes out each
+        # image's own intensity scale, and at high noise v = -x0 is mostly -condition, a linear path.
         self.out_block = ResBlock(ch + cfg.dim, cfg.dim, cond_dim, cfg.groups)
         self.out_norm = GroupNormSiLU(cfg.groups, cfg.dim)
-        self.out_conv = zero_init(nn.Conv2d(cfg.dim, image_channels, 3, padding=1))
+        self.out_conv = zero_init(nn.Conv2d(cfg.dim + image_channels, image_channels, 3, padding=1))
 
     def conditioning(self, log_snr, aug_log_snr, text_tokens, text_mask, text_pooled, drop_text):
         """FiLM conditioning [B, 4 * width of the first level], and the context (+ null token) with its key mask.
@@ -166,4 +168,4 @@ class SRUNet(nn.Module):
                 h = block(torch.cat([h, skips.pop() * SKIP_SCALE], dim=1), cond, context, mask)
             h = upsample(h)
         h = self.out_block(torch.cat([h, full * SKIP_SCALE], dim=1), cond)
-        return self.out_conv(self.out_norm(h)).contiguous()
+        return self.out_conv(torch.cat([self.out_norm(h), low_res.to(h.dtype)], dim=1)).contiguous()
