@@ -22,7 +22,6 @@ attention at 8x8, head_dim 32, 8 groups, text width 128 = the default small CLIP
   * one training step: forward + backward + AdamW on batch --train-batch.
 
 The same two for the super-resolution stage (`--sr`), our `SRUNet` at the `default` preset (32 -> 128:
-width 16 at 128 px, levels of widths 32 / 64 / 128 at 64 / 32 / 16 px with 1 / 2 / 2 residual blocks,
 each level halving first, cross-attention at 16 px and in the middle, no self-attention) against
 imagen-pytorch's `Unet(lowres_cond=True, memory_efficient=True)` at the same widths, levels, block counts
 (its `num_resnet_blocks` counts blocks beyond each level's first), attention placement, 3x3 input
@@ -52,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minimedi.config import make_config  # noqa: E402
-from minimedi.sr_unet import SRUNet  # noqa: E402
+from minimedi.sr_unet import SRUNet, level_sides  # noqa: E402
 from minimedi.unet import UNet  # noqa: E402
 
 SIZE, CONTEXT, TEXT_WIDTH, POOLED_WIDTH, STEP_BATCH = 32, 77, 128, 128, 32
@@ -150,11 +149,16 @@ def ours_sr():
 
 
 def imagen_sr(ImagenUnet):
-    """imagen-pytorch's SR U-Net at our widths: `memory_efficient` downsamples before each level's blocks."""
-    unet = ImagenUnet(dim=16, dim_mults=(2, 4, 8), channels=1, text_embed_dim=TEXT_WIDTH, cond_dim=TEXT_WIDTH,
-                      num_resnet_blocks=(0, 1, 1), attn_heads=4, attn_dim_head=32, layer_attns=False,
-                      layer_cross_attns=(False, False, True), attend_at_middle=False, lowres_cond=True,
-                      memory_efficient=True, init_cross_embed=False, init_conv_kernel_size=3, max_text_len=CONTEXT)
+    """imagen-pytorch's SR U-Net at our default's widths and levels: `memory_efficient` downsamples before each
+    level's blocks; its `num_resnet_blocks` counts the blocks after each level's first."""
+    c = make_config("default").sr
+    heads = c.dim * c.dim_mults[-1] // c.head_dim  # our heads at the lowest level
+    unet = ImagenUnet(dim=c.dim, dim_mults=c.dim_mults, channels=1, text_embed_dim=TEXT_WIDTH, cond_dim=TEXT_WIDTH,
+                      num_resnet_blocks=tuple(n - 1 for n in c.num_res_blocks), attn_heads=heads,
+                      attn_dim_head=c.head_dim, layer_attns=False,
+                      layer_cross_attns=tuple(side in c.attn_resolutions for side in level_sides(c, c.size)),
+                      attend_at_middle=False, lowres_cond=True, memory_efficient=True, init_cross_embed=False,
+                      init_conv_kernel_size=3, max_text_len=CONTEXT)
 
     def call(x, t, low_res, aug, tokens, mask, pooled):
         return unet(x, t.sigmoid(), lowres_cond_img=low_res, lowres_noise_times=aug, text_embeds=tokens,

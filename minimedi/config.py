@@ -123,12 +123,12 @@ class SRConfig:
     """The super-resolution stage of the cascade (Imagen sec. 2.5): --image-size -> size, trained on crops."""
     size: int = opt(128, "super-resolution stage: output side, a multiple of --image-size", flag="--sr-size", ge=16)
     crop: int = opt(64, "super-resolution stage: training crop side (0 = the whole image)", flag="--sr-crop", ge=0)
-    n: int = opt(4000, "super-resolution stage: phantom slices rendered at both sizes for training",
+    n: int = opt(2000, "super-resolution stage: training pairs (the first n of the pretraining data)",
                  flag="--sr-n", ge=1)
     dim: int = opt(16, "super-resolution UNet: channel width at the output resolution", flag="--sr-dim", ge=1)
-    dim_mults: tuple = opt((2, 4, 8), "super-resolution UNet: width multiplier per level (each level halves the "
+    dim_mults: tuple = opt((2, 4, 4), "super-resolution UNet: width multiplier per level (each level halves the "
                            "side first)", flag="--sr-dim-mults", ge=1)
-    num_res_blocks: tuple = opt((1, 2, 2), "super-resolution UNet: residual blocks per level (more at low "
+    num_res_blocks: tuple = opt((1, 1, 2), "super-resolution UNet: residual blocks per level (more at low "
                                 "resolution)", flag="--sr-res-blocks", ge=1)
     attn_resolutions: tuple = opt((16,), "super-resolution UNet: sides (at the output size) with cross-attention "
                                   "to the caption", flag="--sr-attn-resolutions", ge=1)
@@ -136,9 +136,9 @@ class SRConfig:
     groups: int = opt(8, "super-resolution UNet: GroupNorm groups", flag="--sr-groups", ge=1)
     cond_drop: float = opt(0.1, "super-resolution UNet: caption dropout for classifier-free guidance",
                            flag="--sr-cond-drop", ge=0, lt=1)
-    steps: int = opt(1200, "super-resolution stage: optimisation steps", flag="--sr-steps", ge=1)
-    batch: int = opt(16, "super-resolution stage: global batch size", flag="--sr-batch", ge=1)
-    lr: float = opt(1e-3, "super-resolution stage: peak learning rate (AdamW)", flag="--sr-lr", gt=0)
+    steps: int = opt(800, "super-resolution stage: optimisation steps", flag="--sr-steps", ge=1)
+    batch: int = opt(32, "super-resolution stage: global batch size", flag="--sr-batch", ge=1)
+    lr: float = opt(2e-3, "super-resolution stage: peak learning rate (AdamW)", flag="--sr-lr", gt=0)
     min_snr_gamma: float = opt(0.0, "super-resolution stage: min-SNR-gamma loss weighting (0 = off: the plain "
                                "v loss keeps the noisiest levels, where the condition is all there is)",
                                flag="--sr-min-snr-gamma", ge=0)

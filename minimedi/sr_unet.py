@@ -23,9 +23,10 @@ Efficient U-Net (Imagen, appendix B.1), kept where it pays on a CPU:
   * skip connections scaled by 2^-1/2, as in the base UNet (`unet.SKIP_SCALE`);
   * no self-attention at all: convolutions, FiLM and cross-attention are the same function at every
     position, so the network trains on random crops of the high-resolution images and runs on the full
-    image (Imagen trains its 256 -> 1024 model on 256 px crops in the same way). The one non-local operation
-    left is GroupNorm, whose statistics come from the field of view; with crops of a quarter of the image
-    or more its statistics stay close to those of the whole image (see tests/test_sr.py).
+    image (Imagen trains its 256 -> 1024 model on 256 px crops in the same way; tests/test_sr.py checks the
+    equivariance). The one non-local operation left is GroupNorm, whose statistics come from the field of
+    view: the whole image's differ a little from a crop's, a small train/test gap that crops of a quarter
+    of the image keep small.
 
 The blocks (ResBlock with fused GroupNorm+FiLM+SiLU, cross-attention, up/downsampling) are the base UNet's.
 """

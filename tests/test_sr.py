@@ -1,5 +1,6 @@
 """The cascade's super-resolution stage: resampling, paired data, the SR UNet, its loss, and sampling."""
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -11,12 +12,15 @@ import kernels
 from minimedi import diffusion as D
 from minimedi.cascade import crop_at, draw_sr_batch, sr_condition, sr_training_losses, super_resolve
 from minimedi.config import make_config
+from minimedi.data.images import DataWarning
 from minimedi.data.pairs import load_sr_pairs
 from minimedi.data.phantom import PhantomCorpus
+from minimedi.data.roco import ROCO
 from minimedi.errors import UserError
 from minimedi.resize import bicubic_baseline, downsample, downsampled_pairs, upsample
 from minimedi.sr_unet import SRUNet, check_sr_config
 from minimedi.unet import UNet, token_mask
+from tests.test_roco import make_roco
 
 TEXT_DIM, POOLED_DIM = 24, 20
 LOW, HIGH = 16, 32  # the tiny preset: a 16 px base, a 32 px SR stage
@@ -109,6 +113,21 @@ def test_phantom_pairs_are_renders_of_the_same_slices_at_both_sizes():
     # ... and much closer than to another slice, or than bicubic is to the high-resolution render.
     assert consistent < 0.5 * rms(downsample(high.float(), 16), low.roll(1, 0))
     assert rms(bicubic_baseline(low.float(), 64), high) > 2 * consistent
+
+
+def test_real_pairs_are_the_real_images_and_their_box_filter(tmp_path):
+    root, _ = make_roco(tmp_path)
+    cfg = dataclasses.replace(make_config("tiny").data, pretrain=f"roco:{root}", image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        low, high, captions = load_sr_pairs(cfg, 16, 3)
+        dataset = ROCO(root, "train", 16)
+    assert high.shape == (3, 1, 16, 16) and low.shape == (3, 1, 8, 8)
+    assert torch.equal(high, torch.stack([dataset[i]["image"] for i in range(3)]).half())
+    assert captions == [dataset[i]["caption"] for i in range(3)]
+    torch.testing.assert_close(low.float(), downsample(high.float(), 8), atol=1e-3, rtol=0)
+    with pytest.raises(UserError, match="--data"):
+        load_sr_pairs(dataclasses.replace(cfg, pretrain="roco"), 16, 3)
 
 
 # ---- the SR UNet -------------------------------------------------------------------------------------------
