@@ -50,8 +50,8 @@ def check_sr_config(cfg, low_size=None):
     (given `low_size`) one that cannot enlarge a base model of that side."""
     levels = len(cfg.dim_mults)
     if low_size is not None and (cfg.size <= low_size or cfg.size % low_size):
-        raise UserError(f"--sr-size {cfg.size} must be a multiple of the base model's --image-size {low_size} "
-                        f"(e.g. {4 * low_size})")
+        raise UserError(f"--sr-size {cfg.size} must be a multiple of the base model's --image-size {low_size}, "
+                        f"larger than it (e.g. {4 * low_size})")
     if len(cfg.num_res_blocks) != levels:
         raise UserError(f"--sr-res-blocks gives {len(cfg.num_res_blocks)} levels but --sr-dim-mults {levels}")
     for flag, side in (("--sr-size", cfg.size), ("--sr-crop", cfg.crop or cfg.size)):
