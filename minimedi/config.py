@@ -149,6 +149,7 @@ class AlignConfig:
     lora_rank: int = opt(8, "LoRA rank", ge=1)
     full: bool = opt(False, "tune the whole UNet instead of LoRA adapters")
     ema: float = opt(0.95, "EMA decay of the tuned weights", flag="--align-ema", ge=0, lt=1)
+    ckpt_every: int = opt(10, "write aligned.pt every N steps", flag="--align-ckpt-every", ge=1)
     report: bool = opt(True, "when done, write the before/after fairness report (python -m minimedi.evaluate)")
 
 
