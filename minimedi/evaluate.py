@@ -206,8 +206,11 @@ def fairness_report(cfg, device):
     return report, images
 
 
+SECTIONS = ("run", "sample", "eval", "classifier")
+
+
 def main(argv=None):
-    cfg = parse_config(argv, ("run", "sample", "eval", "classifier"),
+    cfg = parse_config(argv, SECTIONS,
                        description="the before/after fairness report of a run: python -m minimedi.evaluate --run DIR")
     device = resolve_device(cfg.run.device)
     report, images = fairness_report(cfg, device)

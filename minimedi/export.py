@@ -40,8 +40,11 @@ def export_model(run_dir, which, out):
     return out
 
 
+SECTIONS = ("run", "sample")
+
+
 def main(argv=None):
-    cfg = parse_config(argv, ("run", "sample"),
+    cfg = parse_config(argv, SECTIONS,
                        description="python -m minimedi.export --run DIR --model diffusion|aligned --out FOLDER")
     if cfg.sample.model not in MAKES:
         raise UserError(f"--model {cfg.sample.model}: export diffusion or aligned")
