@@ -118,3 +118,13 @@ def evaluate_clip(clip, tokenizer, images, captions, attributes, batch_size=256)
     zero_shot = zero_shot_accuracy(clip, tokenizer, image_features, attributes)
     return {**retrieval_recall(image_features, text_features, caption_index),
             **{f"zero_shot_{k}": v for k, v in zero_shot.items()}}
+
+
+def summary(metrics):
+    """`evaluate_clip`'s numbers as the one line a training run prints."""
+    line = f"held-out retrieval on {metrics['retrieval_pairs']} pairs, recall@1/5/10: " + "; ".join(
+        f"{name} " + " / ".join(f"{metrics[f'{key}_recall@{k}']:.1%}" for k in RECALL_AT)
+        for key, name in (("i2t", "image->text"), ("t2i", "text->image")))
+    zero_shot = [f"{key.removeprefix('zero_shot_')} {value:.1%}" for key, value in metrics.items()
+                 if key.startswith("zero_shot_")]
+    return line + (f"; zero-shot {', '.join(zero_shot)}" if zero_shot else "")

@@ -25,6 +25,10 @@ What it measures: on skull-stripped MR (BraTS) the brain's cross-section, on uns
 phantom the head's (scalp outline). Multiply by the field of view squared for mm^2: BraTS slices are
 loaded at a fixed field of view (`minimedi.data.brats`), the phantom's head at scale 1 covers
 pi * 0.66 * 0.80 / 4 = 0.415 of the image.
+
+`plausibility(areas, real_areas)` compares one sex's generated areas with the real ones: the two-sample
+Kolmogorov-Smirnov distance (the largest gap between the two empirical distribution functions) and the
+share of generated areas outside the real 1st..99th percentile (where a real head of that sex is rare).
 """
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,8 @@ def otsu_levels(images):
     """Otsu's threshold [N] of images [N, 1, H, W] in [-1, 1]: the upper edge of the dark class."""
     n = images.shape[0]
     index = ((images.reshape(n, -1).float().clamp(-1, 1) + 1) / 2 * BINS).long().clamp(max=BINS - 1)
-    counts = torch.zeros(n, BINS, dtype=torch.float64).scatter_add_(1, index, torch.ones_like(index, dtype=torch.float64))
+    ones = torch.ones(index.shape, dtype=torch.float64)
+    counts = torch.zeros(n, BINS, dtype=torch.float64).scatter_add_(1, index, ones)
     centres = (torch.arange(BINS, dtype=torch.float64) + 0.5) / BINS * 2 - 1
     w0 = counts.cumsum(1)                             # pixels in bins 0..k (the dark class)
     s0 = (counts * centres).cumsum(1)
@@ -71,3 +76,17 @@ def head_area(images, batch_size=512):
         eroded = -F.max_pool2d(-head[:, None].float(), 3, 1, 1)[:, 0] > 0
         areas.append(eroded.flatten(1).float().mean(1))
     return torch.cat(areas)
+
+
+def plausibility(areas, real_areas):
+    """{"ks": two-sample Kolmogorov-Smirnov distance, "outside_real_1_99": share of `areas` outside the
+    1st..99th percentile of `real_areas`} for 1-D tensors of head areas."""
+    areas, real_areas = areas.double().flatten(), real_areas.double().flatten()
+    pooled = torch.cat([areas, real_areas])
+
+    def cdf(x):  # the empirical distribution function of x at every pooled value
+        return torch.searchsorted(x.sort().values, pooled, right=True).double() / len(x)
+
+    lo, hi = torch.quantile(real_areas, torch.tensor([0.01, 0.99], dtype=torch.float64))
+    return {"ks": float((cdf(areas) - cdf(real_areas)).abs().max()),
+            "outside_real_1_99": float(((areas < lo) | (areas > hi)).double().mean())}

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from minimedi.clip import CLIP, CLIPConfig
 from minimedi.clip_eval import (
-    class_embeddings, class_prompts, encode_pairs, evaluate_clip, retrieval_recall, zero_shot_accuracy)
+    class_embeddings, class_prompts, encode_pairs, evaluate_clip, retrieval_recall, summary, zero_shot_accuracy)
 from minimedi.data.phantom import PhantomCorpus
 from minimedi.tokenizer import Tokenizer
 from tests.trees import LONG_TAIL
@@ -128,3 +128,11 @@ def test_evaluate_clip_on_captions_without_attributes():
     assert metrics["retrieval_pairs"] == 12 and metrics["retrieval_captions"] == 12
     assert all(0 <= v <= 1 for key, v in metrics.items() if "recall" in key)
     assert metrics["i2t_recall@10"] >= metrics["i2t_recall@5"] >= metrics["i2t_recall@1"]
+
+
+def test_summary_is_one_line_with_every_number():
+    metrics = {"retrieval_pairs": 100, "retrieval_captions": 98, "i2t_recall@1": 0.1, "i2t_recall@5": 0.25,
+               "i2t_recall@10": 0.5, "t2i_recall@1": 0.125, "t2i_recall@5": 0.3, "t2i_recall@10": 0.55}
+    assert summary(metrics) == ("held-out retrieval on 100 pairs, recall@1/5/10: image->text 10.0% / 25.0% / "
+                                "50.0%; text->image 12.5% / 30.0% / 55.0%")
+    assert summary({**metrics, "zero_shot_modality": 0.75}).endswith("; zero-shot modality 75.0%")

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from minimedi.data.phantom import HEAD_AXES, PhantomCorpus
-from minimedi.morphometry import BINS, head_area, otsu_levels
+from scipy import stats
+
+from minimedi.morphometry import BINS, head_area, otsu_levels, plausibility
 
 
 def brute_force_otsu(image):
@@ -66,3 +68,16 @@ def test_area_follows_the_rendered_head_size(size):
     assert np.corrcoef(area, scale ** 2)[0, 1] > (0.99 if size == 32 else 0.998)
     female = torch.tensor([corpus.slice(i)["sex"] == "female" for i in range(len(corpus))])
     assert area[female].mean() < area[~female].mean()
+
+
+def test_plausibility_against_scipy():
+    g = torch.Generator().manual_seed(0)
+    real = 0.35 + 0.03 * torch.randn(500, generator=g)
+    for shift, spread in ((0.0, 1.0), (0.02, 1.0), (0.0, 2.0)):
+        generated = 0.35 + shift + 0.03 * spread * torch.randn(300, generator=g)
+        got = plausibility(generated, real)
+        assert got["ks"] == pytest.approx(stats.ks_2samp(generated.numpy(), real.numpy()).statistic, abs=1e-12)
+        lo, hi = np.percentile(real.numpy(), [1, 99])
+        outside = np.mean((generated.numpy() < lo) | (generated.numpy() > hi))
+        assert got["outside_real_1_99"] == pytest.approx(outside, abs=1e-12)
+    assert plausibility(real, real) == {"ks": 0.0, "outside_real_1_99": pytest.approx(0.02, abs=0.005)}

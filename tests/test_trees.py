@@ -148,6 +148,11 @@ def test_corpora_of_the_trees_say_what_they_are(trees, tmp_path):
     assert p["subjects"] == len(brats["labelled"]) and p["female_share"] == pytest.approx(female)
     assert (p["fov_mm"], p["pixel_mm"], p["skipped"]) == (240.0, 240.0 / SIZE, 2) and plain(p)
     round_trip(p, tmp_path)
+    heldout = corpus.of_groups(brats["labelled"][1:3])
+    rows = [i for i, g in enumerate(corpus.groups) if g in brats["labelled"][1:3]]
+    assert set(heldout.groups) == set(brats["labelled"][1:3]) and torch.equal(heldout.images, corpus.images[rows])
+    assert heldout.attributes == [corpus.attributes[i] for i in rows]
+    assert heldout.captions == [corpus.captions[i] for i in rows]
 
 
 def test_phantom_corpora_say_what_they_are(tmp_path):
@@ -163,7 +168,6 @@ def test_phantom_corpora_say_what_they_are(tmp_path):
 
 
 def test_data_settings_that_cannot_work_are_one_line(trees):
-    data = make_config("tiny").data
     for field, value, message in (("pretrain", "roco", "expected phantom or KIND:PATH"),
                                   ("pretrain", "coco:/x", "expected phantom, roco:PATH or rocov2:PATH"),
                                   ("target", "oasis:/x", "expected phantom or brats:PATH")):
@@ -174,4 +178,3 @@ def test_data_settings_that_cannot_work_are_one_line(trees):
     no_labels = make_config("tiny", data={"target": f"brats:{trees.brats['root']}"}).data
     with pytest.raises(UserError, match="needs --labels"):
         load_target_corpus(no_labels)
-    assert data.pretrain == "phantom"

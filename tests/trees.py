@@ -126,7 +126,8 @@ def ellipsoid_brain(zooms, scale, rng):
     a, b, c = (scale * s for s in BRAIN_AXES)
     r2 = (x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2
     brain = r2 <= 1
-    ventricles = ((np.abs(x) - 0.12 * a) / (0.08 * a)) ** 2 + ((y + 0.05 * b) / (0.35 * b)) ** 2 + (z / (0.2 * c)) ** 2 <= 1
+    ventricles = (((np.abs(x) - 0.12 * a) / (0.08 * a)) ** 2 + ((y + 0.05 * b) / (0.35 * b)) ** 2
+                  + (z / (0.2 * c)) ** 2 <= 1)
     side = rng.choice((-1, 1))
     centre = (side * 0.45 * a, rng.uniform(-0.4, 0.4) * b, rng.uniform(-0.2, 0.3) * c)
     d2 = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2
@@ -185,7 +186,8 @@ def brats_tree(root, n=12, p_female=0.5, zooms=(0.94, 0.94, 5.0), seed=0):
         save_nifti(tumour, zooms, training / grade / name / f"{name}_seg.nii.gz", np.uint8, scale=1)
         subjects[name] = {"sex": sex, "grade": grade, "scale": scale}
     names = list(subjects)
-    survival = [f"{name},{50 + i},{300 + 10 * i},GTR" for i, name in enumerate(names) if subjects[name]["grade"] == "HGG"]
+    survival = [f"{name},{50 + i},{300 + 10 * i},GTR" for i, name in enumerate(names)
+                if subjects[name]["grade"] == "HGG"]
     (training / "survival_data.csv").write_text("BraTS18ID,Age,Survival,ResectionStatus\n" + "\n".join(survival) + "\n")
     rows = [f"{name},{subjects[name]['sex'][0].upper()}" for name in names[:-1]]
     rows.insert(1, "Brats18_TCIA99_999_1,unknown")

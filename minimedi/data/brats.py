@@ -157,6 +157,14 @@ def read_volume(path):
     return volume.reshape(volume.shape[:3]), tuple(float(z) for z in canonical.header.get_zooms()[:3])
 
 
+def brain_mask(volume):
+    """Foreground voxels (see step 3 at the top); all False for an empty volume."""
+    positive = volume[volume > 0]
+    if positive.size == 0:
+        return np.zeros(volume.shape, dtype=bool)
+    return volume > FOREGROUND * np.percentile(positive, 99)
+
+
 def inside(mask):
     """Voxels lying between `mask` voxels along both their row (x) and their column (y)."""
     def between(axis):
@@ -175,14 +183,6 @@ def zero_nonfinite(volume):
         if (bad & inside(brain_mask(volume))).any():
             raise BadVolume("NaN or inf inside the brain")
     return int(bad.sum())
-
-
-def brain_mask(volume):
-    """Foreground voxels (see step 3 at the top); all False for an empty volume."""
-    positive = volume[volume > 0]
-    if positive.size == 0:
-        return np.zeros(volume.shape, dtype=bool)
-    return volume > FOREGROUND * np.percentile(positive, 99)
 
 
 def select_slices(mask, min_brain):

@@ -37,6 +37,13 @@ class Corpus:
     groups: list
     provenance: dict
 
+    def of_groups(self, groups):
+        """The items of the given groups (e.g. a classifier's `heldout_groups`), in corpus order."""
+        wanted = set(groups)
+        keep = [i for i, g in enumerate(self.groups) if g in wanted]
+        return Corpus(self.images[keep], [self.captions[i] for i in keep], [self.attributes[i] for i in keep],
+                      [self.groups[i] for i in keep], self.provenance)
+
 
 def materialize(dataset, desc="loading", batch_size=256):
     """(images float16 [N, 1, H, W], captions [N], attributes [N] dicts) from a dataset of item dicts."""
