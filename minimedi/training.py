@@ -5,9 +5,10 @@ A training run is a sequence of steps over some *state*: modules, optimisers, sc
 generators. `TrainLoop` wraps the `for step in range(...)` of every task (CLIP, diffusion, SR, classifier,
 alignment) and gives each the same guarantees:
 
-* **periodic atomic checkpoints**: every `every` steps and at the end, the whole state plus what the
-  artifact is (its `record()`: config, architecture, data, the weights to sample with) goes to one file,
-  written to a temporary file and renamed into place;
+* **periodic atomic checkpoints**: every `every` steps the whole state plus what the artifact is (its
+  `record()`: config, architecture, data, the weights to sample with) goes to one file, written to a
+  temporary file and renamed into place; `finish()` writes the last one, marked finished, once the task
+  has done what follows its last step (calibration, evaluation);
 * **Ctrl-C**: the step in flight finishes, a checkpoint of it is saved, and the process exits 130; a second
   Ctrl-C interrupts at once (the previous checkpoint is still whole);
 * **NaN stop**: `check_finite(loss)` before the optimiser step turns a NaN or inf loss into one line and exit
@@ -139,13 +140,18 @@ class TrainLoop:
         set_rng_state(ckpt["rng"])
         self.start = ckpt["step"]
 
-    def save(self, step):
+    def save(self, step, finished=False):
         if not self.d.main:
             return
         state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
                  for name, obj in self.state.items()}
-        save_checkpoint(self.path, {**self.record(), "step": step, "total": self.total,
-                                    "finished": step >= self.total, "state": state, "rng": rng_state()})
+        save_checkpoint(self.path, {**self.record(), "step": step, "total": self.total, "finished": finished,
+                                    "state": state, "rng": rng_state()})
+
+    def finish(self):
+        """The final save, once the task has done whatever follows the last step (calibration, evaluation):
+        only now does the artifact count as finished for the tasks that need it."""
+        self.save(self.total, finished=True)
 
     def check_finite(self, loss, step):
         """Stop on a NaN/inf loss with one clear line, before the optimiser step: the last checkpoint is untouched."""
@@ -162,7 +168,7 @@ class TrainLoop:
                 yield step
                 done = step + 1
                 stop = any_rank(ctrl_c.requested, self.d)
-                if done % self.every == 0 or done == self.total or stop:
+                if (done % self.every == 0 and done < self.total) or stop:
                     self.save(done)
                 if stop:
                     if self.d.main:

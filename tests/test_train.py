@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_clip_task_records_its_architecture_and_metrics(tiny_base):
     ckpt = load_checkpoint(tiny_base / "clip.pt")
-    assert set(ckpt["zero_shot"]) == {"modality", "side"}
+    assert {"zero_shot_modality", "zero_shot_side", "i2t_recall@1", "t2i_recall@10"} <= set(ckpt["clip_eval"])
     assert ckpt["architecture"]["clip"]["width"] == 64 and ckpt["clip_config"]["text_heads"] == 1
+    assert ckpt["data"]["kind"] == "phantom" and ckpt["data"]["captions_truncated"] == 0 and ckpt["finished"]
     records = [json.loads(line) for line in open(tiny_base / "log.jsonl")]
     assert any("loss" in r for r in records) and any("zero_shot_modality" in r for r in records)
 

@@ -114,7 +114,7 @@ def load_target_corpus(data):
         raise UserError(f"--target {data.target!r}: expected phantom or brats:PATH")
     if not data.labels:
         raise UserError("--target brats:PATH needs --labels CSV (subject,sex): BraTS ships no sex")
-    dataset = BraTSSlices(path, data.labels, data.modality, data.image_size)
+    dataset = BraTSSlices(path, data.labels, data.modality, data.image_size, data.min_brain, data.fov)
     images, captions, attributes = materialize(dataset, "loading BraTS")
     female = sum(a["label"] for a in attributes) / len(attributes)
     provenance = describe("brats", path, "training", data.image_size, data.modality, dataset.report,

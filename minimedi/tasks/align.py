@@ -122,5 +122,6 @@ def make_aligned(cfg, d):
         log(task="align", step=step + 1, align_loss=align, clip_loss=clip,
             class_fractions=dict(zip(classes, fractions.tolist())),
             running_class_fractions=dict(zip(classes, running.tolist())))
+    loop.finish()
     print(f"saved {path}")
     return merge_lora(copy.deepcopy(ema.module))

@@ -2,8 +2,9 @@
 
 Without real CLIP weights (`--clip`), the frozen text encoder of the diffusion model is a small CLIP trained
 here, contrastively, on the pretraining corpus's image/caption pairs (CLIP's symmetric InfoNCE, Radford et
-al. 2021, Fig. 3). The first min(1000, N/10) pairs are held out; after training, the CLIP evaluation
-(`minimedi.clip_eval`) reports zero-shot accuracy on them.
+al. 2021, Fig. 3). Captions longer than the 77-token context are cut, as CLIP training does (and counted).
+The first min(1000, N/10) pairs are held out; after training, the CLIP evaluation (`minimedi.clip_eval`)
+reports retrieval recall@1/5/10 both ways on them, and zero-shot accuracy where the data has attributes.
 
 Under DDP every rank encodes its slice of the global batch and the features are gathered, so every
 caption is contrasted with every image of the *global* batch, as in one process
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 from minimedi import distributed, training
 from minimedi.clip import CLIP, CLIPConfig, contrastive_loss, preprocess
 from minimedi.config import config_to_dict
-from minimedi.data import load_pretraining_data
+from minimedi.clip_eval import evaluate_clip, summary
+from minimedi.data.load import load_pretraining_corpus
 from minimedi.errors import UserError
-from minimedi.evaluate import zero_shot_accuracy
 from minimedi.text import trim_padding
 from minimedi.tokenizer import Tokenizer
 
@@ -66,8 +67,11 @@ def make_clip(cfg, d):
     config = clip_config(c, cfg.data.image_size)
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"), d.main)
     torch.manual_seed(cfg.run.seed)
-    images, captions, attributes = load_pretraining_data(cfg.data)
-    tokens = trim_padding(Tokenizer()(captions, truncate=True))
+    corpus = load_pretraining_corpus(cfg.data)
+    images, tokenizer = corpus.images, Tokenizer()
+    tokens, n_cut = tokenizer.tokenize_corpus(corpus.captions)
+    tokens = trim_padding(tokens)
+    report_truncation(n_cut, len(tokens), log, "clip", d)
     n_val = min(1000, len(images) // 10)
     train_ids = torch.arange(n_val, len(images))
 
@@ -80,7 +84,8 @@ def make_clip(cfg, d):
 
     def record():
         return {"model": model.state_dict(), "clip_config": dataclasses.asdict(config), "config": config_to_dict(cfg),
-                "architecture": architecture(cfg), "data": {"pretrain": cfg.data.pretrain}, **metrics}
+                "architecture": architecture(cfg), "data": {**corpus.provenance, "captions_truncated": n_cut},
+                "clip_eval": metrics}
 
     loop = training.TrainLoop(path, c.steps, {"model": model, "optimizer": opt, "scheduler": sched, "batches": g},
                               record, cfg.train.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="clip")
@@ -102,10 +107,17 @@ def make_clip(cfg, d):
 
     model.eval()
     if d.main:
-        metrics["zero_shot"] = zero_shot_accuracy(model, Tokenizer(), images[:n_val].float(), attributes[:n_val])
-        log(task="clip", step=c.steps, **{f"zero_shot_{k}": v for k, v in metrics["zero_shot"].items()})
-        print("zero-shot accuracy on held-out images: " +
-              ", ".join(f"{k} {v:.1%}" for k, v in metrics["zero_shot"].items()))
-        loop.save(c.steps)
+        metrics.update(evaluate_clip(model, tokenizer, images[:n_val].float(), corpus.captions[:n_val],
+                                     corpus.attributes[:n_val]))
+        log(task="clip", step=c.steps, **metrics)
+        print(summary(metrics))
+        loop.finish()
         print(f"saved {path}")
     return model
+
+
+def report_truncation(n_cut, n, log, task, d):
+    """Say once how many captions were longer than CLIP's context and were cut (never a stop)."""
+    log(task=task, captions_truncated=n_cut, captions=n)
+    if n_cut and d.main:
+        print(f"{n_cut} of {n} captions are longer than 77 CLIP tokens: truncated, as CLIP training does")

@@ -15,10 +15,13 @@ import torch
 
 from minimedi import diffusion, distributed, training
 from minimedi.config import config_to_dict
-from minimedi.data import evaluation_prompts, load_pretraining_data
+from minimedi.data import evaluation_prompts
+from minimedi.data.load import load_pretraining_corpus
 from minimedi.imageio import save_grid
 from minimedi.pipeline import TextToImage, load_text_encoder
+from minimedi.tasks.clip import report_truncation
 from minimedi.text import CaptionCache
+from minimedi.tokenizer import Tokenizer
 from minimedi.unet import UNet
 
 
@@ -38,9 +41,12 @@ def make_diffusion(cfg, d):
     path = os.path.join(cfg.run_dir, "diffusion.pt")
     t = cfg.train
     clip_ref = text_encoder_reference(cfg)
-    encoder = load_text_encoder(clip_ref, cfg.run_dir, d.device)
-    images, captions, _ = load_pretraining_data(cfg.data)
-    cache = CaptionCache(encoder, captions)
+    encoder = load_text_encoder(clip_ref, cfg.run_dir, d.device, truncate=True)
+    log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"), d.main)
+    corpus = load_pretraining_corpus(cfg.data)
+    images = corpus.images
+    report_truncation(Tokenizer().tokenize_corpus(corpus.captions)[1], len(images), log, "diffusion", d)
+    cache = CaptionCache(encoder, corpus.captions)
     torch.manual_seed(cfg.run.seed)
     unet = UNet(cfg.unet, *encoder.dims, image_channels=1, image_size=cfg.data.image_size).to(d.device)
     ema = training.make_ema(unet, t.ema_decay)
@@ -50,7 +56,7 @@ def make_diffusion(cfg, d):
 
     def record():
         return {"model": unet.state_dict(), "ema": ema.module.state_dict(), "config": config_to_dict(cfg),
-                "architecture": architecture(cfg), "data": {"pretrain": cfg.data.pretrain},
+                "architecture": architecture(cfg), "data": corpus.provenance,
                 "text": {"clip": clip_ref, "dims": list(encoder.dims)}}
 
     loop = training.TrainLoop(path, t.steps, {"model": unet, "ema": ema, "optimizer": opt, "scheduler": sched,
@@ -59,7 +65,6 @@ def make_diffusion(cfg, d):
     if cfg.run.compile:
         unet.compile()  # in place: the state_dict keys (and so the checkpoints) stay those of the eager UNet
     model = distributed.wrap_ddp(unet, d)
-    log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"), d.main)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     for step in loop:
         ids = torch.randint(len(images), (t.batch_size,), generator=g)
@@ -91,6 +96,7 @@ def make_diffusion(cfg, d):
             prompts = [p["prompt"] for p in evaluation_prompts()][:16]  # the same noise every time: comparable
             images = TextToImage(ema.module, encoder, cfg.diffusion, cfg.data.image_size)(prompts, steps=25, seed=0)
             save_grid(images, os.path.join(cfg.run_dir, "samples", f"step{done:06d}.png"), nrow=8, scale=2)
+    loop.finish()
     if d.main:
         print(f"saved {path}")
     return ema.module
