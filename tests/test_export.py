@@ -39,7 +39,7 @@ def test_an_exported_model_samples_anywhere_like_its_run(tiny_base, tmp_path):
     original = _grid(["--run", str(tiny_base)], tmp_path / "original.png")
     assert np.array_equal(exported, original)
     config = json.loads((tmp_path / "far" / "away" / "config.json").read_text())
-    assert config["architecture"]["data"]["image_size"] == 16 and config["data"]["pretrain"] == "phantom"
+    assert config["architecture"]["data"]["image_size"] == 16 and config["data"]["kind"] == "phantom"
 
 
 def test_exporting_a_missing_model_names_the_command(tmp_path):
