@@ -120,9 +120,12 @@ def round_trip(provenance, tmp_path):
     assert json.loads(json.dumps(provenance)) == provenance
 
 
-def test_corpora_of_the_trees_say_what_they_are(trees, tmp_path):
+def test_corpora_of_the_trees_say_what_they_are(trees, tmp_path, capsys):
     data = make_config("tiny", data={"pretrain": f"roco:{trees.root / 'roco'}", "image_size": SIZE}).data
-    corpus = quietly(load_pretraining_corpus, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # what was skipped is one printed line, not a warning
+        corpus = load_pretraining_corpus(data)
+    assert capsys.readouterr().out.splitlines()[-1] == corpus.provenance["summary"]
     kept = trees.roco["train"]["kept"]
     assert corpus.images.shape == (len(kept), 1, SIZE, SIZE) and corpus.images.dtype == torch.float16
     assert corpus.groups == kept and len(corpus.captions) == len(kept) and corpus.attributes[0] == {}
@@ -134,14 +137,17 @@ def test_corpora_of_the_trees_say_what_they_are(trees, tmp_path):
     round_trip(p, tmp_path)
 
     data = make_config("tiny", data={"pretrain": f"rocov2:{trees.root / 'rocov2'}", "image_size": SIZE}).data
-    assert quietly(load_pretraining_corpus, data).provenance["kind"] == "rocov2"
+    assert load_pretraining_corpus(data).provenance["kind"] == "rocov2"
 
     brats = trees.brats
     data = make_config("tiny", data={"target": f"brats:{brats['root']}", "labels": str(brats["labels"]),
                                      "modality": "t1", "image_size": SIZE}).data
-    corpus = quietly(load_target_corpus, data)
+    corpus = load_target_corpus(data)
+    assert capsys.readouterr().out.splitlines()[-1] == corpus.provenance["summary"]
     assert sorted(set(corpus.groups)) == sorted(brats["labelled"]) and len(corpus.groups) == len(corpus.images)
     assert [a["subject"] for a in corpus.attributes] == corpus.groups
+    assert {a["grade"] for a in corpus.attributes} == {"HGG", "LGG"}        # for a feature network's extra heads
+    assert all(isinstance(a["slice"], int) for a in corpus.attributes)
     p = corpus.provenance
     female = np.mean([brats["subjects"][g]["sex"] == "female" for g in corpus.groups])
     assert p["kind"] == "brats" and p["modality"] == "t1" and p["labels"] == str(brats["labels"])

@@ -3,7 +3,7 @@
 Without real CLIP weights (`--clip`), the frozen text encoder of the diffusion model is a small CLIP trained
 here, contrastively, on the pretraining corpus's image/caption pairs (CLIP's symmetric InfoNCE, Radford et
 al. 2021, Fig. 3). Captions longer than the 77-token context are cut, as CLIP training does (and counted).
-The first min(1000, N/10) pairs are held out; after training, the CLIP evaluation (`minimedi.clip_eval`)
+The first min(1000, N/10) pairs are held out (none, and no evaluation, under 10 pairs); after training, the CLIP evaluation (`minimedi.clip_eval`)
 reports retrieval recall@1/5/10 both ways on them, and zero-shot accuracy where the data has attributes.
 
 Under DDP every rank encodes its slice of the global batch and the features are gathered, so every
@@ -72,7 +72,7 @@ def make_clip(cfg, d):
     tokens, n_cut = tokenizer.tokenize_corpus(corpus.captions)
     tokens = trim_padding(tokens)
     report_truncation(n_cut, len(tokens), log, "clip", d)
-    n_val = min(1000, len(images) // 10)
+    n_val = min(1000, len(images) // 10)  # none under 10 pairs: then the evaluation is skipped, and says so
     train_ids = torch.arange(n_val, len(images))
 
     model = CLIP(config).to(d.device)
@@ -107,10 +107,13 @@ def make_clip(cfg, d):
 
     model.eval()
     if d.main:
-        metrics.update(evaluate_clip(model, tokenizer, images[:n_val].float(), corpus.captions[:n_val],
-                                     corpus.attributes[:n_val]))
-        log(task="clip", step=c.steps, **metrics)
-        print(summary(metrics))
+        if n_val:
+            metrics.update(evaluate_clip(model, tokenizer, images[:n_val].float(), corpus.captions[:n_val],
+                                         corpus.attributes[:n_val]))
+            log(task="clip", step=c.steps, **metrics)
+            print(summary(metrics))
+        else:
+            print(f"CLIP evaluation skipped: {len(images)} pairs are too few to hold out a tenth of them")
         loop.finish()
         print(f"saved {path}")
     return model

@@ -45,7 +45,8 @@ def make_diffusion(cfg, d):
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"), d.main)
     corpus = load_pretraining_corpus(cfg.data)
     images = corpus.images
-    report_truncation(Tokenizer().tokenize_corpus(corpus.captions)[1], len(images), log, "diffusion", d)
+    n_cut = Tokenizer().tokenize_corpus(corpus.captions)[1]  # the encoder cuts them (truncate=True above)
+    report_truncation(n_cut, len(images), log, "diffusion", d)
     cache = CaptionCache(encoder, corpus.captions)
     torch.manual_seed(cfg.run.seed)
     unet = UNet(cfg.unet, *encoder.dims, image_channels=1, image_size=cfg.data.image_size).to(d.device)
@@ -56,7 +57,8 @@ def make_diffusion(cfg, d):
 
     def record():
         return {"model": unet.state_dict(), "ema": ema.module.state_dict(), "config": config_to_dict(cfg),
-                "architecture": architecture(cfg), "data": corpus.provenance,
+                "architecture": architecture(cfg),
+                "data": {**corpus.provenance, "captions_truncated": n_cut},
                 "text": {"clip": clip_ref, "dims": list(encoder.dims)}}
 
     loop = training.TrainLoop(path, t.steps, {"model": unet, "ema": ema, "optimizer": opt, "scheduler": sched,
