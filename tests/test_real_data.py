@@ -80,7 +80,8 @@ def test_pretraining_on_roco_names_its_data_and_counts_long_captions(chain):
         data = ckpt["data"]
         assert (data["kind"], data["path"], data["split"]) == ("roco", str(chain.root / "roco"), "train")
         assert (data["kept"], data["skipped_by_reason"]) == (kept, {"malformed caption line": 1, "corrupt image": 1})
-        assert data["captions_truncated"] == long and ckpt["config"]["data"]["pretrain"] == f"roco:{chain.root / 'roco'}"
+        assert data["captions_truncated"] == long
+        assert ckpt["config"]["data"]["pretrain"] == f"roco:{chain.root / 'roco'}"
     assert clip["clip_eval"]["retrieval_pairs"] == kept // 10 and "i2t_recall@1" in clip["clip_eval"]
     assert not any(k.startswith("zero_shot") for k in clip["clip_eval"])  # ROCO has no phantom attributes
     log = [json.loads(line) for line in open(chain.run / "log.jsonl")]

@@ -3,8 +3,9 @@
 Without real CLIP weights (`--clip`), the frozen text encoder of the diffusion model is a small CLIP trained
 here, contrastively, on the pretraining corpus's image/caption pairs (CLIP's symmetric InfoNCE, Radford et
 al. 2021, Fig. 3). Captions longer than the 77-token context are cut, as CLIP training does (and counted).
-The first min(1000, N/10) pairs are held out (none, and no evaluation, under 10 pairs); after training, the CLIP evaluation (`minimedi.clip_eval`)
+The first min(1000, N/10) pairs are held out; after training, the CLIP evaluation (`minimedi.clip_eval`)
 reports retrieval recall@1/5/10 both ways on them, and zero-shot accuracy where the data has attributes.
+Under 10 pairs none is held out, and the run says it skipped the evaluation.
 
 Under DDP every rank encodes its slice of the global batch and the features are gathered, so every
 caption is contrasted with every image of the *global* batch, as in one process
