@@ -180,8 +180,6 @@ def test_the_report_on_real_data_measures_against_held_out_real_subjects(chain, 
     assert "probe" not in (run / "report.md").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="classifier.pt records its target data, but recorded_config reads only "
-                                       "its classifier section: a BraTS-only run gets a phantom CLIP and UNet")
 def test_a_brats_only_run_never_gets_phantom_pretraining(chain, tmp_path, capsys, monkeypatch):
     run = copy_run(chain.run, tmp_path / "run", ("classifier.pt",))
 

@@ -43,13 +43,13 @@ def test_diffusion_makes_clip_first_when_missing(tmp_path, capsys):
 
 
 def test_prerequisites_are_made_with_the_runs_recorded_config(tiny_base, tmp_path, capsys):
-    """align.py has no data or model flags: a missing classifier is made with what diffusion.pt recorded."""
-    run = copy_run(tiny_base, tmp_path / "run", ("clip.pt", "diffusion.pt"))
-    train.main(TINY + ["--run", str(run), "--n-target", "40", "--steps", "3", "--resume"])  # recorded by diffusion.pt
+    """align.py has no data or model flags: a missing classifier is made for the images the recorded
+    diffusion model draws (8 px here, not the preset's 16)."""
+    run = copy_run(tiny_base, tmp_path / "run", ("clip.pt",))
+    train.main(TINY + ["--run", str(run), "--image-size", "8", "--n-pretrain", "64", "--steps", "2"])
     align.main(TINY + ["--run", str(run), "--align-steps", "1", "--no-report"])
     assert "classifier.pt not found: making it first" in capsys.readouterr().out
-    recorded = load_checkpoint(run / "classifier.pt")
-    assert recorded["config"]["data"]["n_target"] == 40 and recorded["metrics"]["n_heldout"] == 8
+    assert load_checkpoint(run / "classifier.pt")["config"]["data"]["image_size"] == 8
 
 
 def test_a_real_data_run_never_gets_phantom_prerequisites(tiny_base, tmp_path, capsys):

@@ -42,12 +42,17 @@ class Artifact:
     data: str = ""      # the DataConfig field naming the corpus it learns from ("pretrain" or "target")
 
 
+# The DataConfig fields that describe each corpus: an artifact's record speaks for its own side only.
+DATA_FIELDS = {"pretrain": ("image_size", "pretrain", "n_pretrain", "pretrain_female", "pretrain_tumor", "seed"),
+               "target": ("image_size", "target", "labels", "modality", "fov", "min_brain", "n_target",
+                          "target_corpus_female", "seed")}
+
+
 ARTIFACTS = {
-    "clip": Artifact("clip.pt", make_clip, lambda cfg: (), "python train.py --task clip",
-                     ("data", "clip"), ddp=True, data="pretrain"),
+    "clip": Artifact("clip.pt", make_clip, lambda cfg: (), "python train.py --task clip", ("clip",), ddp=True,
+                     data="pretrain"),
     "diffusion": Artifact("diffusion.pt", make_diffusion, lambda cfg: () if cfg.clip.weights else ("clip",),
-                          "python train.py", ("data", "clip", "unet", "diffusion", "train"), ddp=True,
-                          data="pretrain"),
+                          "python train.py", ("clip", "unet", "diffusion", "train"), ddp=True, data="pretrain"),
     "classifier": Artifact("classifier.pt", make_classifier, lambda cfg: (), "python train.py --task classifier",
                            ("classifier",), ddp=False, data="target"),
     "aligned": Artifact("aligned.pt", make_aligned, lambda cfg: ("diffusion", "classifier"), "python align.py",
@@ -68,17 +73,21 @@ def status(path):
 
 
 def recorded_config(cfg):
-    """`cfg` with every section that the run's existing artifacts recorded put back as they recorded it."""
-    recorded = {}
+    """`cfg` with what the run's existing artifacts recorded put back: each artifact's own sections, and the
+    data fields of the corpus it learned from (`DATA_FIELDS`)."""
+    sections, data = {}, {}
     for name in RECORD_ORDER:
-        path = os.path.join(cfg.run_dir, ARTIFACTS[name].file)
+        art = ARTIFACTS[name]
+        path = os.path.join(cfg.run_dir, art.file)
         if os.path.exists(path):
             saved = load_checkpoint(path)["config"]
-            recorded.update({s: saved[s] for s in ARTIFACTS[name].sections if s in saved})
-    if not recorded:
+            sections.update({s: saved[s] for s in art.sections if s in saved})
+            data.update({k: saved["data"][k] for k in DATA_FIELDS[art.data] if k in saved["data"]})
+    if not sections and not data:
         return cfg
-    from_record = config_from_dict({"preset": cfg.preset, **recorded})
-    return dataclasses.replace(cfg, **{s: getattr(from_record, s) for s in recorded})
+    from_record = config_from_dict({"preset": cfg.preset, **sections})
+    out = dataclasses.replace(cfg, **{s: getattr(from_record, s) for s in sections})
+    return dataclasses.replace(out, data=dataclasses.replace(out.data, **data))
 
 
 def refuse_phantom_substitute(cfg, name):

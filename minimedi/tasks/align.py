@@ -83,6 +83,7 @@ def make_aligned(cfg, d):
         merged = merge_lora(copy.deepcopy(ema.module))
         return {"model": merged.state_dict(), "ema": merged.state_dict(), "config": base["config"],
                 "architecture": {**base["architecture"], **architecture(cfg)}, "data": base["data"],
+                "target_data": cls_ckpt["data"],
                 "text": base["text"], "align": config_to_dict(cfg)["align"], "classes": classes,
                 "target_shares": shares}
 
