@@ -56,7 +56,8 @@ class DataConfig:
     pretrain: str = opt("phantom", "pretraining data: phantom | roco:PATH | rocov2:PATH", flag="--data")
     target: str = opt("phantom", "target data for the subgroup classifier: phantom | brats:PATH")
     labels: str = opt("", "labels CSV for --target brats:PATH: subject,sex[,age] or OASIS-1 columns ID,M/F,Age")
-    modality: str = opt("flair", "BraTS modality", choices=("t1", "t1ce", "t2", "flair"))
+    modality: str = opt("all", "BraTS sequence(s) the target classifier learns from (all: every sequence the "
+                        "prompts name)", choices=("all", "t1", "t1ce", "t2", "flair"))
     fov: float = opt(240.0, "BraTS: field of view in mm that a slice is resampled to (square pixels of fov/size)",
                      gt=0)
     min_brain: float = opt(0.5, "BraTS: keep axial slices whose brain area is at least this share of the largest",

@@ -20,7 +20,7 @@ from minimedi.data.brats import MODALITIES, BraTSSlices, read_volume, volume_sli
 from minimedi.data.images import DataWarning
 from minimedi.errors import UserError
 from minimedi.morphometry import head_area
-from tests.trees import ellipsoid_brain, save_nifti
+from tests.trees import brats_tree, ellipsoid_brain, save_nifti
 
 SHAPE = (24, 28, 20)  # x (right), y (anterior), z (superior)
 
@@ -364,3 +364,15 @@ def test_structural_errors(tmp_path):
         (root / grade / subject / f"{subject}_flair.nii.gz").write_bytes(b"broken")
     with pytest.raises(UserError, match="no usable slice.*3 unreadable volume"):
         BraTSSlices(root, labels, "flair", 16)
+
+
+def test_all_sequences_keep_a_subject_in_one_group(tmp_path):
+    """--modality all: every sequence of every subject, each slice naming its own sequence, one group per subject."""
+    tree = brats_tree(tmp_path / "b", n=3, zooms=(2.0, 2.0, 6.0), seed=4)
+    flair = BraTSSlices(tree["root"], tree["labels"], "flair", 16)
+    every = BraTSSlices(tree["root"], tree["labels"], "all", 16)
+    assert {item["modality"] for item in every.items} == {"t1", "t1ce", "t2", "flair"}
+    assert sorted(set(every.groups)) == sorted(set(flair.groups))
+    mine = [i for i, item in enumerate(every.items) if item["modality"] == "flair"]
+    assert torch.equal(every.images[mine], flair.images)
+    assert all("FLAIR" in every.items[i]["caption"] for i in mine)

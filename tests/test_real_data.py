@@ -97,7 +97,7 @@ def test_the_brats_classifier_names_its_data_and_holds_out_whole_subjects(chain)
     assert (data["kind"], data["path"], data["labels"]) == ("brats", str(chain.root / "brats"),
                                                             str(chain.brats["labels"]))
     assert data["skipped_by_reason"] == {"subject not in labels": 1, "label row without subject or sex": 1}
-    assert (data["subjects"], data["modality"], data["pixel_mm"]) == (len(labelled), "flair", 240 / 16)
+    assert (data["subjects"], data["modality"], data["pixel_mm"]) == (len(labelled), "all", 240 / 16)
     assert ckpt["target_shares"][1] == pytest.approx(data["female_share"])
     held = ckpt["split"]["heldout_groups"]
     assert set(held) < set(labelled)

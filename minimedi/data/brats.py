@@ -260,18 +260,24 @@ def volume_path(folder, modality):
 
 
 class BraTSSlices(Dataset):
-    """Axial slices of one modality of every labelled subject under ROOT/{HGG,LGG}, on a grid of
-    `size` pixels spanning `fov_mm` millimetres."""
+    """Axial slices of one modality (or of all four: `modality="all"`) of every labelled subject under
+    ROOT/{HGG,LGG}, on a grid of `size` pixels spanning `fov_mm` millimetres.
 
-    def __init__(self, root, labels_csv, modality="flair", size=64, min_brain=0.5, fov_mm=FIELD_OF_VIEW):
-        if modality not in MODALITIES:
-            raise UserError(f"BraTS: unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
+    "all" is what a classifier that judges generated images of every sequence must learn from: the tuning
+    and evaluation prompts name all four, and a FLAIR-only classifier would be asked about T1 images it
+    never saw. A subject's slices of every sequence share its group, so a split by subject keeps them
+    together."""
+
+    def __init__(self, root, labels_csv, modality="all", size=64, min_brain=0.5, fov_mm=FIELD_OF_VIEW):
+        if modality not in (*MODALITIES, "all"):
+            raise UserError(f"BraTS: unknown modality {modality!r}; expected all or one of {', '.join(MODALITIES)}")
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"BraTS root {root} is not a directory")
         if not find_subjects(root) and (root / TRAINING_FOLDER).is_dir():
             root = root / TRAINING_FOLDER
         self.modality, self.size, self.min_brain, self.fov_mm = modality, size, min_brain, fov_mm
+        self.modalities = MODALITIES if modality == "all" else (modality,)
         self.report = LoadReport(f"BraTS {modality}", "slices")
         labels = read_labels(labels_csv, self.report)
         subjects = find_subjects(root)
@@ -286,9 +292,10 @@ class BraTSSlices(Dataset):
                 self.report.skip("subject not in labels", folder.name)
         images, self.items = [], []
         for grade, folder in tqdm(labelled, desc=f"reading BraTS {modality}", leave=False):
-            slices, indices = self._subject_slices(folder)
-            images.append(slices)
-            self.items += [self._attributes(folder.name, grade, labels[folder.name], int(k)) for k in indices]
+            for m in self.modalities:
+                slices, indices = self._subject_slices(folder, m)
+                images.append(slices)
+                self.items += [self._attributes(folder.name, grade, labels[folder.name], m, int(k)) for k in indices]
         if not self.items:
             raise UserError(f"BraTS: no usable slice under {root} ({self.report})")
         self.images = torch.from_numpy(np.concatenate(images)).to(torch.float16)
@@ -297,12 +304,12 @@ class BraTSSlices(Dataset):
         self.report.unit = f"slices from {len(set(self.groups))} subjects"
         self.report.warn_if_any()
 
-    def _subject_slices(self, folder):
-        """The subject's selected slices, or none (with the reason counted)."""
+    def _subject_slices(self, folder, modality):
+        """The subject's selected slices of one sequence, or none (with the reason counted)."""
         empty = np.zeros((0, self.size, self.size), dtype=np.float32), np.zeros(0, dtype=np.int64)
-        path = volume_path(folder, self.modality)
+        path = volume_path(folder, modality)
         if path is None:
-            self.report.skip(f"missing {self.modality} file", folder.name)
+            self.report.skip(f"missing {modality} file", folder.name)
             return empty
         try:
             volume, zooms = read_volume(path)
@@ -316,11 +323,11 @@ class BraTSSlices(Dataset):
             self.report.skip("no slice with enough brain", path.name)
         return slices, indices
 
-    def _attributes(self, subject, grade, label, k):
-        caption = (f"Axial {MODALITY_NAMES[self.modality]} MRI of the brain of a patient with a "
+    def _attributes(self, subject, grade, label, modality, k):
+        caption = (f"Axial {MODALITY_NAMES[modality]} MRI of the brain of a patient with a "
                    f"{GRADES[grade]} glioma.")
         return {"caption": caption, "label": int(label["sex"] == "female"), **label, "subject": subject,
-                "grade": grade, "modality": self.modality, "slice": k}
+                "grade": grade, "modality": modality, "slice": k}
 
     def __len__(self):
         return len(self.items)
