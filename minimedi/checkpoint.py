@@ -1,10 +1,14 @@
 """Checkpoints: one file per model, written atomically, loaded safely, resumable exactly.
 
-A checkpoint is a dict `{"model", "ema", "optimizer", "step", "config", "rng", ...}` saved with
-`torch.save`. It is written to a temporary file in the same directory, flushed to disk, and renamed
-over the old one: `os.replace` is atomic on POSIX, so a crash mid-save leaves the previous checkpoint
-intact and never a torn file. Loading uses `torch.load(weights_only=True)`, which refuses pickled
-code, so only tensors, numbers, strings and containers may go in (configs go in as plain dicts).
+A checkpoint is a dict saved with `torch.save`: what the artifact is (`"model"` weights, `"config"` of the
+run, `"architecture"` to rebuild it, `"data"` it learned from, ...) and, for resuming, its training `"state"`,
+`"rng"` and `"step"` of `"total"` (`minimedi.training.TrainLoop` writes them). `"format"` is this layout's
+version: a file from an older minimedi is refused with one line rather than half-understood.
+
+It is written to a temporary file in the same directory, flushed to disk, and renamed over the old one:
+`os.replace` is atomic on POSIX, so a crash mid-save leaves the previous checkpoint intact and never a
+torn file. Loading uses `torch.load(weights_only=True)`, which refuses pickled code, so only tensors,
+numbers, strings and containers may go in (configs go in as plain dicts).
 """
 import os
 import random
@@ -15,11 +19,13 @@ import torch
 from minimedi.atomic import atomic_path
 from minimedi.errors import UserError
 
+FORMAT = 2
+
 
 def save_checkpoint(path, payload):
     """Write `payload` to `path` atomically: temp file, fsync, rename."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)
+        torch.save({**payload, "format": FORMAT}, f)
         f.flush()
         os.fsync(f.fileno())
 
@@ -36,6 +42,9 @@ def load_checkpoint(path, map_location="cpu"):
                         f"{reason[:200]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a minimedi checkpoint (no 'model' entry)")
+    if ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} was written by another version of minimedi (format {ckpt.get('format')}, this one "
+                        f"reads {FORMAT}): make it again with this version")
     return ckpt
 
 

@@ -11,6 +11,13 @@ Subgroups (`subgroup_labels`): "sex" (0 = male, 1 = female), "age" (0 = under 50
 50 splits the phantom's 20-85 range near its middle and is the usual young/old cut-off in brain MR),
 and "sex_age" (2 * sex + age group: male <50, male >=50, female <50, female >=50).
 
+Held-out images. Calibration, the held-out accuracy and the confusion matrix that corrects the report's
+shares all come from images the network never trained on, and on real data that means never trained on
+the same *subject*: neighbouring slices of one head are near copies, and the head's size (the cue) is
+the same in all of them. So the split is drawn over groups (subjects; on the phantom every image is its
+own subject): `heldout_groups` takes `holdout` of each class's groups, so both sexes are held out in
+their own proportion even when there are few subjects.
+
 Augmentation keeps what the label depends on. Sex is read from head size (as in real brain MR), so
 there is no zoom; age from ventricles and cortex. Both are left-right symmetric, so horizontal flips
 are label-preserving (they move a glioma to the other hemisphere, which is fine here). Small shifts,
@@ -182,6 +189,26 @@ def expected_calibration_error(probs, labels, bins=15):
     return float(ece)
 
 
+# ---- the held-out split ----------------------------------------------------------------------------------
+
+def heldout_groups(labels, groups, share, generator):
+    """The groups (e.g. subject ids) to hold out: a random `share` of each class's groups, at least one
+    and never all of a class that has two or more. A group's class is the label of its first image
+    (sex and age group are per subject). Returns a list in order of first appearance in `groups`."""
+    group_label = {}
+    for label, group in zip(labels.tolist(), groups):
+        group_label.setdefault(group, label)
+    held = set()
+    for c in sorted(set(group_label.values())):
+        members = [g for g, label in group_label.items() if label == c]
+        k = min(max(round(share * len(members)), 1), len(members) - 1)
+        held.update(members[i] for i in torch.randperm(len(members), generator=generator)[:k].tolist())
+    if not held:
+        raise UserError(f"classifier: cannot hold out a subject: every class has a single one "
+                        f"({len(group_label)} subjects in all)")
+    return [g for g in group_label if g in held]
+
+
 # ---- training ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -197,46 +224,75 @@ def evaluate(logits, labels, temperature):
             "ece": expected_calibration_error(probs, labels)}
 
 
-def train_classifier(images, labels, cfg, device="cpu", log=None, generator=None):
-    """Train a SubgroupClassifier on images [N, 1, H, W] and labels [N] (`cfg`: a ClassifierConfig).
+def classifier_split(images, labels, cfg, generator, groups=None, heldout=None):
+    """(train ids, held-out ids, held-out groups) for a ClassifierConfig `cfg`.
 
-    A `cfg.holdout` share is held out; the rest trains with AdamW under a cosine schedule and
-    augmentation. The temperature is then fitted on the held-out logits. Returns (model in eval mode,
-    metrics with held-out accuracy, NLL and ECE before and after calibration, and the temperature).
-    `log(**metrics)` is called every 50 steps if given.
-    """
+    `groups` [N] names the subject of each image (default: every image its own); the groups in `heldout`
+    (default: drawn by `heldout_groups` with `cfg.holdout`) are held out, so no subject is on both sides
+    and the held-out accuracy is honest."""
     num_classes = len(SUBGROUP_CLASSES[cfg.subgroup])
-    if len(images) != len(labels) or len(images) < 10:
-        raise UserError(f"classifier: need >= 10 images with one label each, got {len(images)} and {len(labels)}")
+    groups = list(range(len(images))) if groups is None else list(groups)
+    if not len(images) == len(labels) == len(groups) or len(images) < 10:
+        raise UserError(f"classifier: need >= 10 images with one label and one group each, got {len(images)}, "
+                        f"{len(labels)} and {len(groups)}")
     if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"classifier: labels must lie in 0..{num_classes - 1} for subgroup {cfg.subgroup!r}")
-    generator = generator or torch.Generator().manual_seed(0)
-    order = torch.randperm(len(images), generator=generator)
-    n_val = max(1, round(cfg.holdout * len(images)))
-    val, train = order[:n_val], order[n_val:]
+    heldout = heldout_groups(labels, groups, cfg.holdout, generator) if heldout is None else list(heldout)
+    held = set(heldout)
+    is_heldout = torch.tensor([g in held for g in groups])
+    val, train = is_heldout.nonzero()[:, 0], (~is_heldout).nonzero()[:, 0]
+    if len(val) == 0 or len(train) == 0:
+        raise UserError(f"classifier: the held-out subjects leave {len(train)} training and {len(val)} held-out "
+                        f"images; both must be non-empty")
+    return train, val, heldout
 
-    model = SubgroupClassifier(num_classes, cfg.width, images.shape[1], cfg.arch).to(device)
+
+def classifier_optimizer(model, cfg):
+    """AdamW under a cosine schedule over `cfg.steps`."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
-    model.train()
-    for step in tqdm(range(cfg.steps), desc="classifier", leave=False, disable=None):
-        batch = train[torch.randint(len(train), (cfg.batch,), generator=generator)]
-        x = augment(images[batch], generator).to(device)
-        loss = F.cross_entropy(model(x), labels[batch].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-        if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
-            log(task="classifier", step=step, loss=loss.item())
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
 
+
+def classifier_step(model, opt, schedule, images, labels, train, batch, generator, device):
+    """One AdamW step on an augmented random batch of the training ids; returns the loss."""
+    model.train()
+    ids = train[torch.randint(len(train), (batch,), generator=generator)]
+    x = augment(images[ids], generator).to(device)
+    loss = F.cross_entropy(model(x), labels[ids].to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    schedule.step()
+    return loss
+
+
+def calibrate(model, images, labels, val, device):
+    """Fit the temperature on the held-out logits; returns the held-out metrics before and after."""
     logits = predict_logits(model, images[val], device)
     temperature = fit_temperature(logits, labels[val])
     model.temperature.fill_(temperature)
     before, after = evaluate(logits, labels[val], 1.0), evaluate(logits, labels[val], temperature)
-    metrics = {"temperature": temperature, "n_heldout": n_val, **{f"{k}_uncalibrated": v for k, v in before.items()},
-               **after}
-    return model.eval(), metrics
+    return {"temperature": temperature, "n_heldout": len(val), **{f"{k}_uncalibrated": v for k, v in before.items()},
+            **after}
+
+
+def train_classifier(images, labels, cfg, device="cpu", log=None, generator=None, groups=None, heldout=None):
+    """Train a SubgroupClassifier on images [N, 1, H, W] and labels [N] (`cfg`: a ClassifierConfig) in one
+    go: the held-out split (`classifier_split`), `cfg.steps` augmented AdamW steps, then the temperature
+    fitted on the held-out logits. Returns (model in eval mode, metrics: held-out accuracy, NLL and ECE
+    before and after calibration, the temperature, and `heldout_groups`, the list to record so that
+    evaluation, and a second classifier, can use the same held-out subjects). The `train.py --task
+    classifier` task runs the same pieces in a resumable loop (`minimedi.tasks.classifier`)."""
+    generator = generator or torch.Generator().manual_seed(0)
+    train, val, heldout = classifier_split(images, labels, cfg, generator, groups, heldout)
+    model = SubgroupClassifier(len(SUBGROUP_CLASSES[cfg.subgroup]), cfg.width, images.shape[1], cfg.arch).to(device)
+    opt, schedule = classifier_optimizer(model, cfg)
+    for step in tqdm(range(cfg.steps), desc="classifier", leave=False, disable=None):
+        loss = classifier_step(model, opt, schedule, images, labels, train, cfg.batch, generator, device)
+        if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
+            log(task="classifier", step=step, loss=loss.item())
+    metrics = calibrate(model, images, labels, val, device)
+    return model.eval(), {**metrics, "n_heldout_groups": len(heldout), "heldout_groups": heldout}
 
 
 def load_classifier(path, device="cpu"):

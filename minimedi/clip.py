@@ -430,6 +430,8 @@ def load_clip(path):
         raise UserError(f"CLIP weights not found: {path}")
     sd = read_state_dict(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):  # a minimedi checkpoint (train.py --task clip)
+        if "clip_config" in sd:  # it records its architecture: rebuild from that, never guess from shapes
+            return CLIP.from_openai_state_dict(sd["model"], CLIPConfig(**sd["clip_config"])).eval()
         sd = sd["model"]
     if not isinstance(sd, dict):
         raise UserError(f"{path} holds a {type(sd).__name__}, not CLIP weights")

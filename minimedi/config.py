@@ -56,7 +56,12 @@ class DataConfig:
     pretrain: str = opt("phantom", "pretraining data: phantom | roco:PATH | rocov2:PATH", flag="--data")
     target: str = opt("phantom", "target data for the subgroup classifier: phantom | brats:PATH")
     labels: str = opt("", "labels CSV for --target brats:PATH: subject,sex[,age] or OASIS-1 columns ID,M/F,Age")
-    modality: str = opt("flair", "BraTS modality", choices=("t1", "t1ce", "t2", "flair"))
+    modality: str = opt("all", "BraTS sequence(s) the target classifier learns from (all: every sequence the "
+                        "prompts name)", choices=("all", "t1", "t1ce", "t2", "flair"))
+    fov: float = opt(240.0, "BraTS: field of view in mm that a slice is resampled to (square pixels of fov/size)",
+                     gt=0)
+    min_brain: float = opt(0.5, "BraTS: keep axial slices whose brain area is at least this share of the largest",
+                           gt=0, le=1)
     n_pretrain: int = opt(20000, "size of the phantom pretraining corpus", ge=1)
     n_target: int = opt(4000, "size of the phantom target corpus", ge=10)
     pretrain_female: float = opt(0.2, "female share of the phantom pretraining corpus (the bias)", ge=0, le=1)
@@ -181,6 +186,7 @@ class AlignConfig:
     lora_rank: int = opt(8, "LoRA rank", ge=1)
     full: bool = opt(False, "tune the whole UNet instead of LoRA adapters")
     ema: float = opt(0.95, "EMA decay of the tuned weights", flag="--align-ema", ge=0, lt=1)
+    ckpt_every: int = opt(10, "write aligned.pt every N steps", flag="--align-ckpt-every", ge=1)
     report: bool = opt(True, "when done, write the before/after fairness report (python -m minimedi.evaluate)")
 
 

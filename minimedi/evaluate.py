@@ -19,21 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minimedi import diffusion
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
 from minimedi.clip import preprocess
-from minimedi.config import parse_config
+from minimedi.config import config_from_dict, parse_config
 from minimedi.data.captions import LOBES, MODALITIES, SIDES, SIZES, caption, evaluation_prompts
 from minimedi.data.load import load_pretraining_data, load_target_data
 from minimedi.data.phantom import PhantomCorpus
+from minimedi.distributed import resolve_device
 from minimedi.errors import UserError, run_main
 from minimedi.metrics import clip_score, fid, nearest_neighbour_distance
 from minimedi.pipeline import load_generator
 from minimedi.probe import load_or_train_probe, predictions_from_features, probe_features, readback
 from minimedi.report import write_report
 from minimedi.tokenizer import Tokenizer
-from minimedi.training import resolve_device
 
 
 def class_prompts(per_class=64, seed=0):
@@ -112,22 +111,6 @@ def reference_images(cfg, n=1280):
     return images.float()[:n], subgroup_labels(attributes[:n], "sex"), list(captions[:n])
 
 
-def generate(unet, encoder, cfg, prompts, n_per_prompt, steps, guidance, seed, device):
-    """n_per_prompt images for each prompt, DDIM, the same noise for the same seed."""
-    texts = [p for p in prompts for _ in range(n_per_prompt)]
-    images = []
-    g = torch.Generator(device).manual_seed(seed)
-    for chunk in [texts[i:i + 128] for i in range(0, len(texts), 128)]:
-        states, mask, pooled = encoder.encode(chunk)
-        denoise = diffusion.make_denoiser(unet, states, mask, pooled, guidance, cfg.diffusion.prediction,
-                                          cfg.diffusion.dynamic_threshold)
-        size = cfg.data.image_size
-        with torch.inference_mode():
-            images.append(diffusion.sample(denoise, (len(chunk), 1, size, size), steps, "ddim",
-                                           cfg.diffusion.schedule, generator=g, device=device).cpu())
-    return torch.cat(images)
-
-
 @torch.no_grad()
 def p_female(classifier, images, batch_size=256):
     """Calibrated p(female) [N] (CPU) of a sex classifier."""
@@ -179,8 +162,8 @@ def fairness_report(cfg, device):
     if os.path.exists(os.path.join(run, "aligned.pt")):  # the share the model was tuned to (--target-female)
         target = load_checkpoint(os.path.join(run, "aligned.pt")).get("target_shares", [None, target])[1]
     models = ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
-    generators = {which: load_generator(run, which, device) for which in models}
-    base_cfg = generators["diffusion"][2]
+    generators = {which: load_generator(which, run, device) for which in models}
+    base_cfg = config_from_dict(load_checkpoint(os.path.join(run, "diffusion.pt"))["config"])
     prompts = evaluation_prompts()
     texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.n)]
     prompted = [p for p in prompts for _ in range(cfg.eval.n)]
@@ -200,13 +183,12 @@ def fairness_report(cfg, device):
               "check_classifier_heldout_accuracy": check_ckpt["metrics"]["accuracy"]}
     images = {}
     for which in models:
-        unet, encoder, model_cfg = generators[which]
+        generator = generators[which]
         if cfg.run.compile:
-            unet.compile()
-        judges["clip"] = encoder.clip
+            generator.unet.compile()
+        judges["clip"] = generator.encoder.clip
         start = time.time()
-        images[which] = generate(unet, encoder, model_cfg, [p["prompt"] for p in prompts], cfg.eval.n,
-                                 cfg.eval.steps, cfg.sample.guidance, cfg.run.seed, device)
+        images[which] = generator(texts, cfg.eval.steps, guidance=cfg.sample.guidance, seed=cfg.run.seed)
         seconds = time.time() - start
         report["models"][which] = {**judge(images[which], texts, prompted, judges),
                                    "seconds_per_image": seconds / len(texts)}
@@ -224,8 +206,11 @@ def fairness_report(cfg, device):
     return report, images
 
 
+SECTIONS = ("run", "sample", "eval", "classifier")
+
+
 def main(argv=None):
-    cfg = parse_config(argv, ("run", "sample", "eval", "classifier"),
+    cfg = parse_config(argv, SECTIONS,
                        description="the before/after fairness report of a run: python -m minimedi.evaluate --run DIR")
     device = resolve_device(cfg.run.device)
     report, images = fairness_report(cfg, device)

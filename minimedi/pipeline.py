@@ -1,31 +1,105 @@
-"""Loading a trained text-to-image model: the UNet weights plus the frozen text encoder it was trained with.
+"""A trained text-to-image model as one object: `TextToImage(prompts) -> images`.
 
-`diffusion.pt` (and `aligned.pt`) store the run's config and the path of the CLIP weights, so a
-checkpoint alone rebuilds the whole generator; the EMA weights are the ones used for sampling.
+What a generator is: the frozen text encoder it was trained with, the UNet (its EMA weights), and the
+diffusion settings it was trained under (parametrisation, schedule, dynamic thresholding). A call runs the
+steps of every text-to-image pipeline (diffusers' `__call__`, in a few lines): encode the captions, draw
+the noise from the seed, sample with classifier-free guidance, return images in [-1, 1].
+
+Where a generator comes from (`load_generator`):
+- a run folder's `diffusion.pt` or `aligned.pt`: the checkpoint records its architecture, its diffusion
+  settings and its text encoder ("clip.pt", relative to the run folder, or an absolute `--clip` path);
+- an exported model folder (`python -m minimedi.export`): `config.json`, `model.safetensors` (UNet EMA
+  weights) and `text_encoder.safetensors` (the CLIP it was trained with), which loads from anywhere.
 """
+import json
 import os
 
+import torch
+from safetensors.torch import load_file
+
+from minimedi import diffusion
 from minimedi.checkpoint import load_checkpoint
-from minimedi.clip import load_clip
-from minimedi.config import config_from_dict
+from minimedi.clip import CLIP, CLIPConfig, load_clip
+from minimedi.config import DiffusionConfig, UNetConfig
 from minimedi.errors import UserError
 from minimedi.text import FrozenTextEncoder
 from minimedi.unet import UNet
 
-HOW_TO_MAKE = {"diffusion": "python train.py", "aligned": "python align.py"}
+MAKES = {"diffusion": "python train.py", "aligned": "python align.py"}
+EXPORT_FILES = ("config.json", "model.safetensors", "text_encoder.safetensors")
 
 
-def load_generator(run_dir, which="diffusion", device="cpu", truncate=False):
-    """(unet in eval mode with EMA weights, FrozenTextEncoder, Config of the run) from <run_dir>/<which>.pt."""
-    path = os.path.join(run_dir, f"{which}.pt")
+class TextToImage:
+    """Captions -> images [N, 1, S, S] in [-1, 1]; the same seed gives the same images."""
+
+    def __init__(self, unet, encoder, diffusion_cfg, image_size):
+        self.unet, self.encoder, self.diffusion, self.image_size = unet, encoder, diffusion_cfg, image_size
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @torch.inference_mode()
+    def __call__(self, prompts, steps=50, sampler="ddim", guidance=3.0, eta=0.0, seed=0, batch_size=128):
+        """One image per prompt (repeat a prompt for several), in batches of `batch_size` drawn from one
+        generator seeded with `seed`."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            states, mask, pooled = self.encoder.encode(chunk)
+            denoise = diffusion.make_denoiser(self.unet, states, mask, pooled, guidance, self.diffusion.prediction,
+                                              self.diffusion.dynamic_threshold)
+            shape = (len(chunk), 1, self.image_size, self.image_size)
+            images.append(diffusion.sample(denoise, shape, steps, sampler, self.diffusion.schedule, eta,
+                                           generator=g, device=self.device).cpu())
+        return torch.cat(images)
+
+
+def load_text_encoder(reference, base_dir, device="cpu", truncate=False):
+    """The frozen text encoder named by a checkpoint: a path relative to `base_dir` or absolute."""
+    path = reference if os.path.isabs(reference) else os.path.join(base_dir, reference)
     if not os.path.exists(path):
-        raise UserError(f"no {which} model at {path}: run `{HOW_TO_MAKE[which]}` first (or pass --run DIR)")
+        raise UserError(f"text encoder {path} not found" + ("" if os.path.isabs(reference) else
+                        f": make it with `python train.py --task clip --run {base_dir}`, or pass --clip WEIGHTS"))
+    return FrozenTextEncoder(load_clip(path).to(device), truncate=truncate)
+
+
+def build_unet(architecture, text_dims):
+    """A UNet with the shape an artifact recorded (`architecture` = {"unet": {...}, "data": {"image_size"}})."""
+    return UNet(UNetConfig(**architecture["unet"]), *text_dims, image_channels=1,
+                image_size=architecture["data"]["image_size"])
+
+
+def load_generator(model="diffusion", run_dir="runs/default", device="cpu", truncate=False):
+    """A TextToImage from `model`: "diffusion" or "aligned" (the run's checkpoint) or an exported folder."""
+    if model not in MAKES:
+        return load_exported(model, device, truncate)
+    path = os.path.join(run_dir, f"{model}.pt")
+    if not os.path.exists(path):
+        raise UserError(f"no {model} model at {path}: run `{MAKES[model]}` first (or pass --run DIR)")
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
-    text = ckpt.get("text")
-    if not text or not os.path.exists(text["clip"]):
-        raise UserError(f"{path} names CLIP weights at {text and text['clip']!r}, which are missing")
-    encoder = FrozenTextEncoder(load_clip(text["clip"]).to(device), truncate=truncate)
-    unet = UNet(cfg.unet, *text["dims"], image_channels=1, image_size=cfg.data.image_size)
+    encoder = load_text_encoder(ckpt["text"]["clip"], run_dir, device, truncate)
+    unet = build_unet(ckpt["architecture"], ckpt["text"]["dims"])
     unet.load_state_dict(ckpt["ema"])
-    return unet.to(device).eval().requires_grad_(False), encoder, cfg
+    unet = unet.to(device).eval().requires_grad_(False)
+    return TextToImage(unet, encoder, DiffusionConfig(**ckpt["config"]["diffusion"]),
+                       ckpt["architecture"]["data"]["image_size"])
+
+
+def load_exported(folder, device="cpu", truncate=False):
+    """A TextToImage from a folder written by `python -m minimedi.export`."""
+    missing = [name for name in EXPORT_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise UserError(f"--model {folder}: not diffusion, aligned or an exported model folder "
+                        f"(missing {', '.join(missing)})")
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    clip = CLIP.from_openai_state_dict(load_file(os.path.join(folder, "text_encoder.safetensors")),
+                                       CLIPConfig(**config["text_encoder"]))
+    encoder = FrozenTextEncoder(clip.to(device), truncate=truncate)
+    unet = build_unet(config["architecture"], encoder.dims)
+    unet.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
+    unet = unet.to(device).eval().requires_grad_(False)
+    return TextToImage(unet, encoder, DiffusionConfig(**config["config"]["diffusion"]),
+                       config["architecture"]["data"]["image_size"])

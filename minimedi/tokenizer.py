@@ -159,13 +159,26 @@ class Tokenizer:
         rows = []
         for text in texts:
             ids = [self.sot, *self.encode(text), self.eot]
-            if len(ids) > context_length:
-                if not truncate:
-                    raise UserError(
-                        f"text {text[:40]!r}... has {len(ids)} tokens with start and end tokens, more than"
-                        f" the context length {context_length}: shorten it or pass truncate=True"
-                    )
-                ids = ids[:context_length]
-                ids[-1] = self.eot
-            rows.append(ids + [0] * (context_length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), context_length)
+            if len(ids) > context_length and not truncate:
+                raise UserError(
+                    f"text {text[:40]!r}... has {len(ids)} tokens with start and end tokens, more than"
+                    f" the context length {context_length}: shorten it or pass truncate=True"
+                )
+            rows.append(ids)
+        return self.pad(rows, context_length)
+
+    def tokenize_corpus(self, texts, context_length=77):
+        """(LongTensor [B, context_length], how many texts were cut): every text truncated to the context,
+        as CLIP training does (open_clip's `tokenize` always cuts, keeping the end token last). Training
+        captions are data, not requests: a long one is cut and counted, never refused, so that a run can
+        say once how many of its captions lost their end."""
+        rows = [[self.sot, *self.encode(text), self.eot] for text in texts]
+        return self.pad(rows, context_length), sum(len(ids) > context_length for ids in rows)
+
+    @staticmethod
+    def pad(rows, context_length):
+        """Rows of ids -> LongTensor [B, context_length]: each cut to the context with its last id the end
+        token, then zero-padded."""
+        rows = [ids[:context_length - 1] + ids[-1:] if len(ids) > context_length else ids for ids in rows]
+        padded = [ids + [0] * (context_length - len(ids)) for ids in rows]
+        return torch.tensor(padded, dtype=torch.long).reshape(len(rows), context_length)

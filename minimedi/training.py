@@ -1,81 +1,40 @@
-"""What every training loop here shares: device and DDP set-up, the learning-rate schedule, EMA,
-a `log.jsonl` writer, and the global-batch bookkeeping that makes DDP equal a single process.
+"""What every training loop here shares: the learning-rate schedule, EMA, a `log.jsonl` writer, and
+`TrainLoop`, which owns the life of an artifact's checkpoint.
 
-Scale-out is plain PyTorch DDP under `torchrun`: each rank draws the *same* global batch of indices
-and noise from a generator seeded identically everywhere, then keeps its own slice. Gradients are
-averaged by DDP, so N processes with global batch B take exactly the steps one process with batch B
-would (up to float summation order). Rank 0 alone logs and saves.
+A training run is a sequence of steps over some *state*: modules, optimisers, schedulers, EMAs, random
+generators. `TrainLoop` wraps the `for step in range(...)` of every task (CLIP, diffusion, SR, classifier,
+alignment) and gives each the same guarantees:
+
+* **periodic atomic checkpoints**: every `every` steps the whole state plus what the artifact is (its
+  `record()`: config, architecture, data, the weights to sample with) goes to one file, written to a
+  temporary file and renamed into place; `finish()` writes the last one, marked finished, once the task
+  has done what follows its last step (calibration, evaluation);
+* **Ctrl-C**: the step in flight finishes, a checkpoint of it is saved, and the process exits 130; a second
+  Ctrl-C interrupts at once (the previous checkpoint is still whole);
+* **NaN stop**: `check_finite(loss)` before the optimiser step turns a NaN or inf loss into one line and exit
+  code 2 without saving, so the last checkpoint stays byte-identical;
+* **exact resume**: `resume=True` restores every state object and every random generator (Python, NumPy,
+  torch, CUDA and the loop's own) and continues at the saved step. A resumed run equals an uninterrupted one
+  bit for bit on the CPU, because each step's randomness comes only from restored generators.
+
+Under DDP every rank runs the loop; rank 0 alone writes, and a Ctrl-C seen by any rank stops them all at the
+same step.
 """
+import dataclasses
 import json
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
+from minimedi.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from minimedi.config import Config, flag_name
+from minimedi.distributed import any_rank
 from minimedi.errors import UserError
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def resolve_device(device="auto"):
-    """`--device` as a torch device name: auto -> cuda when available, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA device is available")
-    return device
-
-
-def setup(device="auto"):
-    """Pick the device and join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = resolve_device(device)
-    if world > 1:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank=rank, world=world, device=torch.device(device))
-
-
-def teardown():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def wrap_ddp(model, d):
-    """DDP across ranks (a no-op for a single process)."""
-    if d.world == 1:
-        return model
-    ids = [d.device.index] if d.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def shard(batch, d):
-    """This rank's contiguous slice of a global batch (tensors, or lists of strings)."""
-    if d.world == 1:
-        return batch
-    n = len(batch)
-    if n % d.world:
-        raise UserError(f"global batch {n} is not divisible by the {d.world} processes")
-    per = n // d.world
-    return batch[d.rank * per:(d.rank + 1) * per]
 
 
 def warmup_cosine(step, warmup, total, floor=0.1):
@@ -89,13 +48,6 @@ def warmup_cosine(step, warmup, total, floor=0.1):
 def make_ema(model, decay):
     """An exponential moving average of the weights (PyTorch's own swa_utils, buffers included)."""
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def check_finite(loss, step, ckpt_path):
-    """Stop on a NaN/inf loss with one clear line; the last good checkpoint is untouched."""
-    if not torch.isfinite(loss).all():
-        raise UserError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
-                        f"({ckpt_path}) is intact: lower --lr or resume from it")
 
 
 class JsonlLog:
@@ -132,3 +84,93 @@ class StopOnCtrlC:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
+
+
+def check_architecture(saved, current, path):
+    """Refuse to resume `path` with other architecture settings: one line naming the first flag that differs.
+
+    Both map config sections to {field: value}, as an artifact's "architecture" entry does."""
+    for section, values in current.items():
+        for f in dataclasses.fields(getattr(Config(), section)):
+            if f.name not in values:
+                continue
+            was, now = saved.get(section, {}).get(f.name), values[f.name]
+            if _plain(was) != _plain(now):
+                raise UserError(f"{path} was trained with {flag_name(f)} {_shown(was)}, not {_shown(now)}: "
+                                f"resume with the same architecture, or start a new run without --resume")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+class TrainLoop:
+    """`for step in TrainLoop(...)`: the steps of one artifact's training, with checkpoints, Ctrl-C, NaN
+    stop and exact resume (see the module docstring).
+
+    path:      the artifact's checkpoint file (e.g. <run>/diffusion.pt)
+    total:     the number of steps; resuming with a larger total extends a finished run
+    state:     {name: object with state_dict/load_state_dict, or a torch.Generator}: everything a step changes
+    record:    a callable returning the artifact's own entries ("model", "config", "architecture", ...),
+               saved with the state; called at each save, so it can hold derived weights (EMA, merged LoRA)
+    every:     checkpoint every N steps (and at the end)
+    resume:    continue from `path`; its "architecture" must equal `architecture`
+    """
+
+    def __init__(self, path, total, state, record, every, d, resume=False, architecture=None, desc=None):
+        self.path, self.total, self.state, self.record, self.every, self.d = path, total, state, record, every, d
+        self.start = 0
+        if resume:
+            self._restore(architecture or {})
+        self.desc = desc or os.path.splitext(os.path.basename(path))[0]
+
+    def _restore(self, architecture):
+        ckpt = load_checkpoint(self.path)
+        check_architecture(ckpt.get("architecture", {}), architecture, self.path)
+        if ckpt["step"] > self.total:
+            raise UserError(f"{self.path} is at step {ckpt['step']}, past the {self.total} steps asked for: "
+                            f"give at least {ckpt['step']} steps to resume")
+        for name, obj in self.state.items():
+            saved = ckpt["state"][name]
+            obj.set_state(saved) if isinstance(obj, torch.Generator) else obj.load_state_dict(saved)
+        set_rng_state(ckpt["rng"])
+        self.start = ckpt["step"]
+
+    def save(self, step, finished=False):
+        if not self.d.main:
+            return
+        state = {name: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+                 for name, obj in self.state.items()}
+        save_checkpoint(self.path, {**self.record(), "step": step, "total": self.total, "finished": finished,
+                                    "state": state, "rng": rng_state()})
+
+    def finish(self):
+        """The final save, once the task has done whatever follows the last step (calibration, evaluation):
+        only now does the artifact count as finished for the tasks that need it."""
+        self.save(self.total, finished=True)
+
+    def check_finite(self, loss, step):
+        """Stop on a NaN/inf loss with one clear line, before the optimiser step: the last checkpoint is untouched."""
+        if not torch.isfinite(loss).all():
+            raise UserError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
+                            f"({self.path}) is intact: lower the learning rate or resume from it")
+
+    def __iter__(self):
+        bar = tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc=self.desc,
+                   disable=not self.d.main)
+        self.bar = bar
+        with StopOnCtrlC() as ctrl_c:
+            for step in bar:
+                yield step
+                done = step + 1
+                stop = any_rank(ctrl_c.requested, self.d)
+                if (done % self.every == 0 and done < self.total) or stop:
+                    self.save(done)
+                if stop:
+                    if self.d.main:
+                        print(f"interrupted: checkpoint of step {done} saved to {self.path}; continue with --resume")
+                    raise SystemExit(130)

@@ -1,7 +1,6 @@
-"""align.py end to end on the tiny preset: prerequisites trained on demand, LoRA-only changes, exact resume."""
+"""align.py end to end on the tiny preset: prerequisites made on demand, LoRA-only changes, the joint OT."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,36 +11,25 @@ import align
 import sample
 import train
 from minimedi.checkpoint import load_checkpoint
+from minimedi.classifier import class_shares, subgroup_labels
+from minimedi.config import make_config
+from minimedi.data import target_corpus
 from minimedi.lora import UNET_TARGETS
+from tests.helpers import TINY, copy_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--preset", "tiny"]
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """A tiny run with clip.pt, diffusion.pt and classifier.pt."""
-    run = tmp_path_factory.mktemp("base")
-    args = TINY + ["--n-pretrain", "64", "--clip-steps", "2", "--steps", "2", "--run", str(run)]
-    train.main(args)
-    train.main(args + ["--task", "classifier"])
-    return run
-
-
-def _copy(base_run, run):
-    shutil.copytree(base_run, run)
-    return run
-
-
-def test_align_trains_missing_prerequisites(tmp_path, capsys):
+def test_align_makes_missing_prerequisites(tmp_path, capsys):
     align.main(TINY + ["--run", str(tmp_path), "--align-steps", "1"])
     out = capsys.readouterr().out
-    assert "training the diffusion model first" in out and "training the subgroup classifier first" in out
-    assert (tmp_path / "aligned.pt").exists()
+    for name in ("clip.pt", "diffusion.pt", "classifier.pt"):
+        assert f"{name} not found: making it first" in out, name
+    assert (tmp_path / "aligned.pt").exists() and load_checkpoint(tmp_path / "aligned.pt")["finished"]
 
 
-def test_only_adapted_layers_change_and_sampling_works(base_run, tmp_path):
-    run = _copy(base_run, tmp_path / "run")
+def test_only_adapted_layers_change_and_sampling_works(tiny_base, tmp_path):
+    run = copy_run(tiny_base, tmp_path / "run")
     align.main(TINY + ["--run", str(run), "--align-lr", "1e-2", "--report"])
     before, after = load_checkpoint(run / "diffusion.pt")["ema"], load_checkpoint(run / "aligned.pt")["ema"]
     assert before.keys() == after.keys()
@@ -63,25 +51,20 @@ def test_only_adapted_layers_change_and_sampling_works(base_run, tmp_path):
     assert out.exists()
 
 
-def test_sex_by_age_group_aligns_with_the_joint_assignment(base_run, tmp_path, capsys):
-    run = _copy(base_run, tmp_path / "run")
+def test_sex_by_age_group_aligns_to_the_target_corpus_joint_shares(tiny_base, tmp_path, capsys):
+    run = copy_run(tiny_base, tmp_path / "run")
     train.main(TINY + ["--run", str(run), "--task", "classifier", "--subgroup", "sex_age"])
     align.main(TINY + ["--run", str(run), "--align-steps", "2", "--report"])
     assert "skipped" in capsys.readouterr().out and not (run / "report.json").exists()
+    corpus = target_corpus(make_config("tiny").data)
+    truth = class_shares(subgroup_labels([corpus.attributes(i) for i in range(len(corpus))], "sex_age"), 4)
+    aligned = load_checkpoint(run / "aligned.pt")
+    assert aligned["classes"][3] == "female age>=50"
+    assert aligned["target_shares"] == pytest.approx(truth.tolist())
+    batch = make_config("tiny").align.batch
     last = [json.loads(line) for line in open(run / "log.jsonl")][-1]
-    assert len(last["class_fractions"]) == 4 and sum(last["class_fractions"].values()) == pytest.approx(1.0)
-    assert load_checkpoint(run / "aligned.pt")["classes"][3] == "female age>=50"
-
-
-def test_resume_continues_exactly(base_run, tmp_path):
-    straight, resumed = _copy(base_run, tmp_path / "straight"), _copy(base_run, tmp_path / "resumed")
-    align.main(TINY + ["--run", str(straight), "--align-steps", "4"])
-    align.main(TINY + ["--run", str(resumed), "--align-steps", "2"])
-    align.main(TINY + ["--run", str(resumed), "--align-steps", "4", "--resume"])
-    a, b = load_checkpoint(straight / "aligned.pt"), load_checkpoint(resumed / "aligned.pt")
-    assert a["step"] == b["step"] == 4
-    for k in a["ema"]:
-        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert len(last["class_fractions"]) == 4
+    assert all(abs(f * batch - round(f * batch)) < 1e-6 for f in last["class_fractions"].values())  # counts / batch
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -89,8 +72,8 @@ def test_resume_continues_exactly(base_run, tmp_path):
     (["--align-loss", "l2"], "invalid choice"),
     (["--lambda-clip"], "expected one argument"),
 ])
-def test_bad_input_is_one_line_and_exit_2(base_run, argv, message):
-    r = subprocess.run([sys.executable, "align.py", *TINY, "--run", str(base_run), *argv], cwd=ROOT,
+def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
+    r = subprocess.run([sys.executable, "align.py", *TINY, "--run", str(tmp_path), *argv], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len([line for line in r.stderr.splitlines() if "%|" not in line]) == 1, r.stderr

@@ -2,8 +2,10 @@
 
 The synthetic volumes have a known brain (an ellipsoid, background exactly 0), so slice selection,
 orientation and percentile normalisation are checked against numpy computations written here from
-the rules in the module docstring. Every bad-input case has a test.
+the rules in the module docstring; the resampling to a fixed field of view against scipy. Every
+bad-input case has a test.
 """
+import gzip
 import shutil
 import warnings
 
@@ -12,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 from nibabel.testing import data_path
+from scipy import ndimage
 
-from minimedi.data.brats import MODALITIES, BraTSSlices
+from minimedi.data.brats import MODALITIES, BraTSSlices, read_volume, volume_slices
 from minimedi.data.images import DataWarning
 from minimedi.errors import UserError
+from minimedi.morphometry import head_area
+from tests.trees import brats_tree, ellipsoid_brain, save_nifti
 
 SHAPE = (24, 28, 20)  # x (right), y (anterior), z (superior)
 
@@ -62,20 +67,20 @@ def make_tree(tmp_path):
 
 def expected_slices(volume):
     """Independent numpy version of the rules: brain = the ellipsoid, keep slices with >= half the
-    largest area, 0.5..99.5 percentiles of the brain -> [-1, 1], radiological display orientation."""
+    largest area, 0 -> -1 and the 99.5th percentile of the brain -> 1, radiological display orientation."""
     mask = ellipsoid()
     area = mask.sum(axis=(0, 1))
     keep = np.flatnonzero(area >= 0.5 * area.max())
-    lo, hi = np.percentile(volume[mask], [0.5, 99.5])
-    scaled = np.clip((volume - lo) / (hi - lo), 0, 1) * 2 - 1
+    scaled = np.clip(volume / np.percentile(volume[mask], 99.5), 0, 1) * 2 - 1
     # rows: anterior (high y) first; columns: the patient's right (high x) first, so left is on the right
     images = [np.flip(scaled[:, :, k], (0, 1)).T for k in keep]
     return keep, np.stack(images)[:, 2:26, :]  # 28 rows -> centre 24 (the short side: no resampling)
 
 
 def test_slices_match_independent_pipeline(tmp_path):
+    """Voxels of 1 mm and a field of view of 24 mm on 24 pixels: no resampling, a centred crop."""
     root, labels = make_tree(tmp_path)
-    ds = BraTSSlices(root, labels, "flair", 24)
+    ds = BraTSSlices(root, labels, "flair", 24, fov_mm=24)
     keep, images = expected_slices(brain_volume(0, "flair"))
     assert 0 < len(keep) < SHAPE[2]  # the rule drops the small top and bottom slices
     items = [ds[i] for i in range(len(ds))]
@@ -90,7 +95,7 @@ def test_items_labels_and_captions(tmp_path):
     root, labels = make_tree(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)  # a clean tree loads without a warning
-        ds = BraTSSlices(root, labels, "t1ce", 16)
+        ds = BraTSSlices(root, labels, "t1ce", 16, fov_mm=28)
     for i in range(len(ds)):
         item = ds[i]
         assert item["image"].shape == (1, 16, 16) and item["image"].dtype == torch.float32
@@ -103,7 +108,14 @@ def test_items_labels_and_captions(tmp_path):
     assert (b["label"], b["sex"], b["grade"]) == (0, "male", "HGG") and np.isnan(b["age"])
     assert (c["label"], c["sex"], c["age"], c["grade"]) == (1, "female", 40.0, "LGG")
     assert "high-grade glioma" in a["caption"] and "low-grade glioma" in c["caption"]
-    assert torch.equal(ds[5]["image"], ds[5]["image"])
+    assert ds.groups == [ds[i]["subject"] for i in range(len(ds))]
+    # Item i is the same slice in a dataset built again, and reading it hands out a copy.
+    again = BraTSSlices(root, labels, "t1ce", 16, fov_mm=28)
+    assert [again[i]["slice"] for i in range(len(again))] == [ds[i]["slice"] for i in range(len(ds))]
+    assert all(torch.equal(again[i]["image"], ds[i]["image"]) for i in range(len(ds)))
+    before = ds[5]["image"].clone()
+    ds[5]["image"].zero_()
+    assert torch.equal(ds[5]["image"], before)
 
 
 def test_orientation_is_radiological_whatever_the_affine(tmp_path):
@@ -114,7 +126,8 @@ def test_orientation_is_radiological_whatever_the_affine(tmp_path):
     lps[:2, 3] = [SHAPE[0] - 1, SHAPE[1] - 1]  # the same voxel grid in world space, stored flipped
     save(volume, tmp_path / "b" / "HGG" / "S1" / "S1_flair.nii.gz")
     save(volume[::-1, ::-1].copy(), tmp_path / "b" / "HGG" / "S2" / "S2_flair.nii.gz", lps)
-    ds = BraTSSlices(tmp_path / "b", write_labels(tmp_path / "l.csv", "subject,sex\nS1,F\nS2,M\n"), "flair", 24)
+    ds = BraTSSlices(tmp_path / "b", write_labels(tmp_path / "l.csv", "subject,sex\nS1,F\nS2,M\n"), "flair", 24,
+                     fov_mm=24)
     s1 = [ds[i] for i in range(len(ds)) if ds[i]["subject"] == "S1" and ds[i]["slice"] == 10][0]["image"][0]
     s2 = [ds[i] for i in range(len(ds)) if ds[i]["subject"] == "S2" and ds[i]["slice"] == 10][0]["image"][0]
     assert torch.equal(s1, s2)
@@ -126,48 +139,145 @@ def real_volume(name):
     return nib.load(f"{data_path}/{name}")
 
 
-def test_real_nibabel_brains(tmp_path):
-    """anatomical.nii (a real T1 brain) and example4d.nii.gz (a real 4D EPI: skipped by the 4D rule;
-    its first frame as a 3D file loads) in a BraTS-like tree with OASIS-1 style labels."""
-    root = tmp_path / "real"
+def reference_resampling(image, spacing, centre, fov_mm, size):
+    """scipy's cubic spline at the centres of a size x size grid of fov_mm / size mm around `centre`
+    (pixel-edge coordinates), background -1 outside: the geometry of step 6, by another interpolator."""
+    step = fov_mm / size
+    offsets = (np.arange(size) + 0.5) * step - fov_mm / 2                     # mm from the centre
+    rows = centre[0] + offsets / spacing[0] - 0.5                             # index coordinates
+    cols = centre[1] + offsets / spacing[1] - 0.5
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    return ndimage.map_coordinates(image, [rr, cc], order=3, mode="constant", cval=-1.0).clip(-1, 1)
+
+
+def test_real_nibabel_brain_against_scipy_resampling(tmp_path):
+    """anatomical.nii (a real T1 brain, LAS, 2 mm voxels) at 2.4 mm pixels, against the rules written
+    here and scipy's spline for the resampling, in a BraTS-like tree with OASIS-1 style labels."""
     anatomical = real_volume("anatomical.nii")
-    (root / "HGG" / "OAS1_0001_MR1").mkdir(parents=True)
-    nib.save(anatomical, root / "HGG" / "OAS1_0001_MR1" / "OAS1_0001_MR1_t1.nii.gz")
+    assert nib.aff2axcodes(anatomical.affine) == ("L", "A", "S") and anatomical.header.get_zooms() == (2, 2, 2)
+    (tmp_path / "real" / "HGG" / "OAS1_0001_MR1").mkdir(parents=True)
+    nib.save(anatomical, tmp_path / "real" / "HGG" / "OAS1_0001_MR1" / "OAS1_0001_MR1_t1.nii.gz")
+    labels = write_labels(tmp_path / "oasis_cross-sectional.csv",
+                          "ID,M/F,Hand,Age,Educ,SES,MMSE,CDR,eTIV,nWBV,ASF,Delay\n"
+                          "OAS1_0001_MR1,F,R,74,2,3,29,0,1344,0.743,1.306,N/A\n")
+    ds = BraTSSlices(tmp_path / "real", labels, "t1", 40, fov_mm=96)
+    assert ds[0]["age"] == 74 and ds[0]["label"] == 1
+    ras = np.asarray(anatomical.dataobj, dtype=np.float32)[::-1]            # LAS -> RAS by hand
+    mask = ras > 0.1 * np.percentile(ras[ras > 0], 99)
+    area = mask.sum(axis=(0, 1))
+    keep = np.flatnonzero(area >= 0.5 * area.max())
+    assert [ds[i]["slice"] for i in range(len(ds))] == list(keep) and len(keep) == anatomical.shape[2]
+    scaled = np.clip(ras / np.percentile(ras[mask], 99.5), 0, 1) * 2 - 1
+    projection = np.flip(mask.any(axis=2), (0, 1)).T
+    rows, cols = np.flatnonzero(projection.any(axis=1)), np.flatnonzero(projection.any(axis=0))
+    centre = ((rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2)
+    correlations, mirrored = [], []
+    for i, k in enumerate(keep):
+        expected = reference_resampling(np.flip(scaled[:, :, k], (0, 1)).T, (2.0, 2.0), centre, 96, 40)
+        got = ds[i]["image"][0].numpy()
+        correlation = np.corrcoef(expected.ravel(), got.ravel())[0, 1]
+        assert np.abs(expected - got).mean() < 0.075, k
+        assert np.corrcoef(expected[::-1].ravel(), got.ravel())[0, 1] < correlation - 0.05, k  # not upside down
+        correlations.append(correlation)
+        mirrored.append(correlation - np.corrcoef(expected[:, ::-1].ravel(), got.ravel())[0, 1])
+    # Spline and bicubic differ at the sharp brain edge: 0.95 at worst, 0.96 on average; half a pixel of
+    # shift gives 0.925 on average, a 10% error in the spacing less still.
+    assert min(correlations) > 0.94 and np.mean(correlations) > 0.95
+    assert min(mirrored) > 0 and np.mean(mirrored) > 0.02  # a brain is nearly symmetric, not quite
+    assert ds[len(ds) // 2]["image"][0, 0].max() == -1                     # 96 mm > the brain: a background row
+
+
+def test_real_nibabel_epi_4d_is_skipped_and_its_frame_loads(tmp_path):
+    """example4d.nii.gz (a real 4D EPI, 2 x 2 x 2.2 mm) is skipped by the 4D rule; its first frame as a 3D
+    file loads, the head in the middle of the default 240 mm field of view."""
+    root = tmp_path / "real"
     (root / "LGG" / "OAS1_0002_MR1").mkdir(parents=True)
     shutil.copy(f"{data_path}/example4d.nii.gz", root / "LGG" / "OAS1_0002_MR1" / "OAS1_0002_MR1_t1.nii.gz")
     epi = real_volume("example4d.nii.gz")
-    frame = nib.Nifti1Image(np.asarray(epi.dataobj)[..., 0], epi.affine)
-    save(frame.get_fdata().astype(np.float32), root / "LGG" / "OAS1_0003_MR1" / "OAS1_0003_MR1_t1.nii.gz",
+    save(np.asarray(epi.dataobj)[..., 0].astype(np.float32), root / "LGG" / "OAS1_0003_MR1" / "OAS1_0003_MR1_t1.nii.gz",
          epi.affine)
-    labels = write_labels(tmp_path / "oasis_cross-sectional.csv",
-                          "ID,M/F,Hand,Age,Educ,SES,MMSE,CDR,eTIV,nWBV,ASF,Delay\n"
-                          "OAS1_0001_MR1,F,R,74,2,3,29,0,1344,0.743,1.306,N/A\n"
-                          "OAS1_0002_MR1,F,R,55,4,1,29,0,1147,0.81,1.531,N/A\n"
-                          "OAS1_0003_MR1,M,R,73,4,3,27,0.5,1454,0.708,1.207,N/A\n")
+    labels = write_labels(tmp_path / "labels.csv", "ID,M/F\nOAS1_0002_MR1,F\nOAS1_0003_MR1,M\n")
     with pytest.warns(DataWarning, match="1 not a 3D volume"):
         ds = BraTSSlices(root, labels, "t1", 33)
-    assert dict(ds.report.skipped) == {"not a 3D volume": 1}
-    subjects = [ds[i]["subject"] for i in range(len(ds))]
-    assert set(subjects) == {"OAS1_0001_MR1", "OAS1_0003_MR1"}
-    anat = torch.stack([ds[i]["image"][0] for i in range(len(ds)) if subjects[i] == "OAS1_0001_MR1"])
-    epi_slices = torch.stack([ds[i]["image"][0] for i in range(len(ds)) if subjects[i] == "OAS1_0003_MR1"])
-    assert len(anat) == anatomical.shape[2]       # a brain-only crop: every slice is mostly brain
-    assert 0 < len(epi_slices) <= epi.shape[2]
-    for images in (anat, epi_slices):
-        assert images.min() >= -1 and images.max() <= 1
-        assert images.std(dim=(1, 2)).min() > 0.15                           # real structure in every slice
-        assert all(len(torch.unique(im)) > 200 for im in images)              # not a flat or binary image
-    centre, corners = epi_slices[:, 13:20, 13:20].mean(), epi_slices[:, :4, :4].mean()
-    assert centre > 0 and corners < -0.9           # brain in the middle, background black
-    assert ds[0]["age"] == 74 and ds[0]["label"] == 1 and ds[len(ds) - 1]["sex"] == "male"
-    # The file is LAS: flip x by hand to RAS, apply the display rule and the centre crop (41 -> 33 rows,
-    # no resampling at size 33); normalisation is monotone, so the slice must correlate almost perfectly.
-    assert nib.aff2axcodes(anatomical.affine) == ("L", "A", "S")
-    ras = np.asarray(anatomical.dataobj, dtype=np.float32)[::-1]
-    for k in (3, 12, 20):
-        by_hand = np.flip(ras[:, :, k], (0, 1)).T[4:37]
-        assert np.corrcoef(by_hand.ravel(), anat[k].numpy().ravel())[0, 1] > 0.98
-        assert np.corrcoef(by_hand[:, ::-1].ravel(), anat[k].numpy().ravel())[0, 1] < 0.9  # not mirrored
+    assert dict(ds.report.skipped) == {"not a 3D volume": 1} and set(ds.groups) == {"OAS1_0003_MR1"}
+    images = torch.stack([ds[i]["image"][0] for i in range(len(ds))])
+    assert 0 < len(images) <= epi.shape[2] and images.min() >= -1 and images.max() <= 1
+    assert all(len(torch.unique(im)) > 100 for im in images)              # not a flat or binary image
+    assert images[:, 13:20, 13:20].mean() > 0 and images[:, :3, :3].max() == -1  # head centred, corners empty
+
+
+def middle_area(volume, zooms, size=32, fov_mm=200.0):
+    """head_area of the slice with the largest cross-section."""
+    slices, _ = volume_slices(volume, zooms, size, fov_mm=fov_mm)
+    return float(head_area(torch.from_numpy(slices)[:, None]).max())
+
+
+def test_voxel_size_does_not_change_the_head():
+    """One physical brain sampled at 1 x 1, 1 x 2, 2 x 1, 0.94 x 0.94 and 2 x 2 mm in-plane: the same area
+    on the grid, the area of the ellipse. Read as square voxels, the coarse grid would halve it."""
+    scale = 1.05
+    truth = np.pi * 70 * 85 * scale ** 2 / 200 ** 2      # the largest cross-section, mm^2 / field of view^2
+    areas = {}
+    for zooms in ((1.0, 1.0, 5.0), (1.0, 2.0, 5.0), (2.0, 1.0, 5.0), (0.94, 0.94, 5.0), (2.0, 2.0, 5.0)):
+        volumes, _ = ellipsoid_brain(zooms, scale, np.random.default_rng(0))
+        areas[zooms] = middle_area(volumes["t1"], zooms)
+        assert areas[zooms] == pytest.approx(truth, rel=0.04), zooms
+    volumes, _ = ellipsoid_brain((1.0, 2.0, 5.0), scale, np.random.default_rng(0))
+    assert middle_area(volumes["t1"], (1.0, 1.0, 5.0)) == pytest.approx(truth / 2, rel=0.06)
+
+
+def test_the_same_head_draws_the_same_pixels_at_any_voxel_size():
+    fine, _ = ellipsoid_brain((1.0, 1.0, 5.0), 1.0, np.random.default_rng(0))
+    coarse, _ = ellipsoid_brain((2.0, 1.0, 5.0), 1.0, np.random.default_rng(0))
+    a, _ = volume_slices(fine["flair"], (1.0, 1.0, 5.0), 32, fov_mm=200)
+    b, _ = volume_slices(coarse["flair"], (2.0, 1.0, 5.0), 32, fov_mm=200)
+    assert a.shape == b.shape and np.abs(a - b).mean() < 0.03
+    squashed, _ = volume_slices(coarse["flair"], (1.0, 1.0, 5.0), 32, fov_mm=200)
+    assert np.abs(a - squashed).mean() > 0.1           # what ignoring the voxel size would draw
+
+
+def nifti_by_hand(path):
+    """(raw voxels, scl_slope, scl_inter) of a little-endian NIfTI-1 .nii.gz, from the header bytes."""
+    data = gzip.decompress(path.read_bytes())
+    dim = np.frombuffer(data, "<i2", 8, 40)
+    code = int(np.frombuffer(data, "<i2", 1, 70)[0])
+    offset, slope, inter = np.frombuffer(data, "<f4", 3, 108)
+    dtype = {4: "<i2", 16: "<f4"}[code]
+    raw = np.frombuffer(data, dtype, int(np.prod(dim[1:4])), int(offset)).reshape(dim[1:4], order="F")
+    return raw, float(slope), float(inter)
+
+
+def test_int16_scaled_and_float_volumes_read_as_the_values_they_stand_for(tmp_path):
+    volumes, _ = ellipsoid_brain((2.0, 2.0, 5.0), 1.0, np.random.default_rng(0))
+    signal = volumes["t2"]
+    for dtype in (np.int16, "scaled", np.float32):
+        path = tmp_path / f"{dtype if isinstance(dtype, str) else dtype.__name__}.nii.gz"
+        save_nifti(signal, (2.0, 2.0, 5.0), path, dtype)
+        raw, slope, inter = nifti_by_hand(path)
+        stands_for = raw.astype(np.float64) * (slope if slope == slope and slope != 0 else 1.0) + \
+            (inter if inter == inter else 0.0)
+        volume, zooms = read_volume(path)
+        assert zooms == (2.0, 2.0, 5.0) and volume.dtype == np.float32
+        np.testing.assert_allclose(volume, stands_for, rtol=1e-6, atol=1e-3)
+        np.testing.assert_allclose(volume, signal * 1000, atol=0.6 if dtype == np.int16 else 0.05)
+        if dtype == "scaled":
+            assert slope not in (0.0, 1.0) and raw.dtype == np.int16        # the case being tested
+    # stored flipped (LPS) with a scale, read back in RAS: the values, once
+    lps = np.diag([-2.0, -2.0, 5.0, 1.0])
+    image = nib.Nifti1Image(signal[::-1, ::-1].copy() * 1000, lps)
+    image.set_data_dtype(np.int16)
+    nib.save(image, tmp_path / "lps.nii.gz")
+    volume, zooms = read_volume(tmp_path / "lps.nii.gz")
+    assert zooms == (2.0, 2.0, 5.0)
+    np.testing.assert_allclose(volume, signal * 1000, atol=0.05)
+
+
+def test_root_may_be_the_folder_holding_the_training_folder(tmp_path):
+    root, labels = make_tree(tmp_path)
+    (tmp_path / "download").mkdir()
+    shutil.move(root, tmp_path / "download" / "MICCAI_BraTS_2018_Data_Training")
+    ds = BraTSSlices(tmp_path / "download", labels, "flair", 16)
+    assert set(ds.groups) == {"Brats18_A", "Brats18_B", "Brats18_C"}
 
 
 def make_bad_tree(tmp_path):
@@ -183,16 +293,20 @@ def make_bad_tree(tmp_path):
     path.write_bytes(path.read_bytes()[:600])
     save_subject(root, "LGG", "fourd", 5)
     save(np.stack([brain_volume(5)] * 2, -1), root / "LGG" / "fourd" / "fourd_flair.nii.gz")
-    save_subject(root, "LGG", "nans", 6)
+    save_subject(root, "LGG", "nans", 6)  # NaN and inf in the background: set to 0, kept
     volume = brain_volume(6)
-    volume[3, 4, 5] = np.nan
+    volume[3, 4, 5], volume[0, 0, 0] = np.nan, np.inf
     save(volume, root / "LGG" / "nans" / "nans_flair.nii.gz")
+    save_subject(root, "LGG", "holes", 10)  # NaN in the middle of the brain: skipped
+    volume = brain_volume(10)
+    volume[12, 14, 9] = np.nan
+    save(volume, root / "LGG" / "holes" / "holes_flair.nii.gz")
     save_subject(root, "LGG", "empty", 7)
     save(np.zeros(SHAPE, np.float32), root / "LGG" / "empty" / "empty_flair.nii.gz")
     save_subject(root, "LGG", "singleton", 8)  # [X, Y, Z, 1] is a 3D volume
     save(brain_volume(8)[..., None], root / "LGG" / "singleton" / "singleton_flair.nii.gz")
     save_subject(tmp_path, "outside", "evil", 9)  # a subject outside ROOT, named by a traversal in the labels
-    names = ["good1", "good2", "noflair", "truncated", "fourd", "nans", "empty", "singleton"]
+    names = ["good1", "good2", "noflair", "truncated", "fourd", "nans", "empty", "singleton", "holes"]
     rows = [f"{name},{'F' if i % 2 else 'M'}" for i, name in enumerate(names)]
     rows += ["../../outside/evil,F", "/etc/passwd,M", "weird,unknown", ",F", "good1,F"]
     return root, write_labels(tmp_path / "labels.csv", "subject,sex\n" + "\n".join(rows) + "\n")
@@ -205,16 +319,21 @@ def test_bad_items_are_skipped_counted_and_warned_once(tmp_path):
     assert len(caught) == 1 and "\n" not in str(caught[0].message) and str(caught[0].message) == str(ds.report)
     assert dict(ds.report.skipped) == {
         "subject not in labels": 1, "missing flair file": 1, "unreadable volume": 1, "not a 3D volume": 1,
-        "NaN or inf in volume": 1, "no slice with enough brain": 1, "label row without subject or sex": 2,
+        "NaN or inf inside the brain": 1, "no slice with enough brain": 1, "label row without subject or sex": 2,
         "duplicate label row": 1}
-    assert {ds[i]["subject"] for i in range(len(ds))} == {"good1", "good2", "singleton"}
-    assert "from 3 subjects" in str(ds.report)
+    assert dict(ds.report.repaired) == {"NaN or inf background set to 0": 1}
+    assert "repaired 1: 1 NaN or inf background set to 0 (e.g. nans_flair.nii.gz)" in str(ds.report)
+    assert {ds[i]["subject"] for i in range(len(ds))} == {"good1", "good2", "singleton", "nans"}
+    assert "from 4 subjects" in str(ds.report)
+    nans = torch.stack([ds[i]["image"] for i in range(len(ds)) if ds[i]["subject"] == "nans"])
+    clean, _ = volume_slices(brain_volume(6), (1.0, 1.0, 1.0), 16)  # the volume before its background was spoilt
+    torch.testing.assert_close(nans[:, 0], torch.from_numpy(clean).half().float(), atol=0, rtol=0)
     for i in range(len(ds)):
         assert torch.isfinite(ds[i]["image"]).all()
     with pytest.warns(DataWarning, match="1 subject not in labels"):  # the label problems again
         ds_t1 = BraTSSlices(root, labels, "t1", 16)  # the other modalities of these subjects are fine
     assert {ds_t1[i]["subject"] for i in range(len(ds_t1))} == {
-        "good1", "good2", "noflair", "truncated", "fourd", "nans", "empty", "singleton"}
+        "good1", "good2", "noflair", "truncated", "fourd", "nans", "empty", "singleton", "holes"}
 
 
 def test_structural_errors(tmp_path):
@@ -245,3 +364,15 @@ def test_structural_errors(tmp_path):
         (root / grade / subject / f"{subject}_flair.nii.gz").write_bytes(b"broken")
     with pytest.raises(UserError, match="no usable slice.*3 unreadable volume"):
         BraTSSlices(root, labels, "flair", 16)
+
+
+def test_all_sequences_keep_a_subject_in_one_group(tmp_path):
+    """--modality all: every sequence of every subject, each slice naming its own sequence, one group per subject."""
+    tree = brats_tree(tmp_path / "b", n=3, zooms=(2.0, 2.0, 6.0), seed=4)
+    flair = BraTSSlices(tree["root"], tree["labels"], "flair", 16)
+    every = BraTSSlices(tree["root"], tree["labels"], "all", 16)
+    assert {item["modality"] for item in every.items} == {"t1", "t1ce", "t2", "flair"}
+    assert sorted(set(every.groups)) == sorted(set(flair.groups))
+    mine = [i for i, item in enumerate(every.items) if item["modality"] == "flair"]
+    assert torch.equal(every.images[mine], flair.images)
+    assert all("FLAIR" in every.items[i]["caption"] for i in mine)

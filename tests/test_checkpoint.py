@@ -3,7 +3,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -41,18 +40,28 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_killed_process_mid_save_keeps_previous_checkpoint(tmp_path):
+    """SIGKILL while torch.save is half-way through the new file: the old checkpoint is still whole."""
     path = tmp_path / "diffusion.pt"
     save_checkpoint(path, _payload(1))
-    code = ("import sys, torch; from minimedi.checkpoint import save_checkpoint\n"
-            "big = {'model': {'w': torch.zeros(64, 1024, 1024)}, 'step': 2}\n"
-            "print('go', flush=True)\n"
-            "while True: save_checkpoint(sys.argv[1], big)\n")
+    code = ("import sys, time, torch; from minimedi.checkpoint import save_checkpoint\n"
+            "real = torch.save\n"
+            "def slow_save(obj, f):\n"
+            "    f.write(b'PK half of a zip archive'); f.flush()\n"
+            "    print('mid-save', flush=True); time.sleep(60)\n"
+            "torch.save = slow_save\n"
+            "save_checkpoint(sys.argv[1], {'model': {'w': torch.zeros(4)}, 'step': 2})\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
-    assert proc.stdout.readline().strip() == b"go"
-    time.sleep(0.3)  # inside torch.save of a 256 MB tensor
+    assert proc.stdout.readline().strip() == b"mid-save"  # the new file is half written right now
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert load_checkpoint(path)["step"] in (1, 2)  # whole old or whole new, never torn
+    proc.wait(timeout=30)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name == "diffusion.pt"] == ["diffusion.pt"]
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path):
+    torch.save({"model": {}, "step": 1}, tmp_path / "old.pt")  # what minimedi wrote before "format"
+    with pytest.raises(UserError, match="another version of minimedi"):
+        load_checkpoint(tmp_path / "old.pt")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from minimedi.classifier import (
-    SubgroupClassifier, augment, class_shares, expected_calibration_error, fit_temperature, subgroup_labels,
-    train_classifier)
+    SubgroupClassifier, augment, class_shares, expected_calibration_error, fit_temperature, heldout_groups,
+    subgroup_labels, train_classifier)
 from minimedi.config import make_config
 from minimedi.data.phantom import PhantomCorpus
 from minimedi.errors import UserError
@@ -31,6 +31,9 @@ def test_learns_a_size_task_well_above_chance():
     model, metrics = train_classifier(images, labels, cfg, "cpu", log=lambda **m: logged.append(m),
                                       generator=torch.Generator().manual_seed(0))
     assert metrics["accuracy"] > 0.72 and metrics["n_heldout"] == 120  # chance: 0.5, best possible: ~0.91
+    assert metrics["n_heldout_groups"] == 120 and len(metrics["heldout_groups"]) == 120  # one image per group
+    held = torch.tensor(metrics["heldout_groups"])
+    assert abs(labels[held].float().mean() - labels.float().mean()) < 0.01  # stratified: the classes' shares
     assert logged and logged[-1]["step"] == 99
     test_images, test_labels = disks(200, seed=1)
     with torch.no_grad():
@@ -109,8 +112,48 @@ def test_bad_training_input_is_a_user_error():
     cfg = make_config("tiny").classifier
     with pytest.raises(UserError, match="labels must lie"):
         train_classifier(torch.zeros(20, 1, 16, 16), torch.full((20,), 2), cfg)
-    with pytest.raises(UserError, match="one label each"):
+    with pytest.raises(UserError, match="one label and one group each"):
         train_classifier(torch.zeros(20, 1, 16, 16), torch.zeros(19, dtype=torch.long), cfg)
+    with pytest.raises(UserError, match="one label and one group each"):
+        train_classifier(torch.zeros(20, 1, 16, 16), torch.zeros(20, dtype=torch.long), cfg, groups=range(19))
+    with pytest.raises(UserError, match="every class has a single one"):
+        train_classifier(torch.zeros(20, 1, 16, 16), (torch.arange(20) >= 10).long(), cfg, groups=[0] * 10 + [1] * 10)
+    with pytest.raises(UserError, match="leave 0 training"):
+        train_classifier(torch.zeros(20, 1, 16, 16), torch.zeros(20, dtype=torch.long), cfg, heldout=range(20))
+
+
+def test_heldout_groups_keep_subjects_whole_and_classes_in_proportion():
+    # 30 subjects (10 female) with 1 to 5 slices each; a subject's label is the same on all its slices
+    sizes = [1 + (7 * s) % 5 for s in range(30)]
+    groups = [f"S{s:02d}" for s, n in enumerate(sizes) for _ in range(n)]
+    labels = torch.tensor([int(s % 3 == 0) for s, n in enumerate(sizes) for _ in range(n)])
+    held = heldout_groups(labels, groups, 0.2, torch.Generator().manual_seed(0))
+    assert len(held) == len(set(held)) and set(held) <= set(groups)
+    female = {g for g, label in zip(groups, labels.tolist()) if label == 1}
+    assert len(female & set(held)) == 2 and len(set(held) - female) == 4  # round(0.2 * 10), round(0.2 * 20)
+    assert held == sorted(held, key=groups.index)                        # in order of first appearance
+    assert held == heldout_groups(labels, groups, 0.2, torch.Generator().manual_seed(0))
+    assert held != heldout_groups(labels, groups, 0.2, torch.Generator().manual_seed(1))
+    # a class with two subjects gives one; a class with one subject keeps it for training
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    assert heldout_groups(labels, ["a", "a", "b", "c", "c"], 0.01, torch.Generator().manual_seed(0)) in (["b"], ["c"])
+    assert heldout_groups(labels, ["a", "a", "b", "c", "c"], 0.99, torch.Generator().manual_seed(0)) in (["b"], ["c"])
+
+
+def test_a_split_by_subject_is_honest_where_a_split_by_image_leaks():
+    """40 subjects, 6 near-identical slices each, a label drawn per subject that the pixels do not carry.
+    Split by image, the held-out slices have siblings in training and the network scores by memory; split
+    by subject it can only guess."""
+    g = torch.Generator().manual_seed(0)
+    patterns = F.interpolate(torch.randn(40, 1, 4, 4, generator=g), size=16, mode="bilinear").clamp(-1, 1)
+    groups = [s for s in range(40) for _ in range(6)]
+    images = (patterns[groups] + 0.1 * torch.randn(240, 1, 16, 16, generator=g)).clamp(-1, 1)
+    labels = (torch.tensor(groups) % 2)
+    cfg = make_config("tiny", classifier={"steps": 80, "batch": 32, "lr": 3e-3, "holdout": 0.5}).classifier
+    _, by_image = train_classifier(images, labels, cfg, generator=torch.Generator().manual_seed(0))
+    _, by_subject = train_classifier(images, labels, cfg, generator=torch.Generator().manual_seed(0), groups=groups)
+    assert by_subject["n_heldout_groups"] == 20 and by_subject["n_heldout"] == 6 * 20  # whole subjects
+    assert by_image["accuracy"] > 0.75 and by_subject["accuracy"] < 0.65
 
 
 def test_the_vgg_check_architecture_learns_and_round_trips(tmp_path):

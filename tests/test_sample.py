@@ -6,21 +6,20 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import sample
-import train
+from minimedi import diffusion
+from minimedi.pipeline import load_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Axial FLAIR MRI of the brain showing a large glioma in the left frontal lobe."
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    train.main(["--preset", "tiny", "--n-pretrain", "64", "--clip-steps", "2", "--steps", "2",
-                "--run", str(run)])
-    return run
+def run(tiny_base):
+    return tiny_base
 
 
 def _sample(run, out, *extra):
@@ -78,3 +77,24 @@ def test_truncate_allows_long_prompts(run, tmp_path):
     sample.main(["--run", str(run), "--prompt", "glioma " * 80, "--truncate", "--n", "1", "--sample-steps", "1",
                  "--out", str(tmp_path / "long.png")])
     assert os.path.exists(tmp_path / "long.png")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+def test_the_sampler_asked_for_is_the_one_that_runs(run, tmp_path, sampler):
+    """The NIfTI (float32) of `--sampler S` equals S run directly on the same UNet, prompt and noise."""
+    sample.main(["--run", str(run), "--prompt", PROMPT, "--n", "2", "--sample-steps", "3", "--sampler", sampler,
+                 "--seed", "5", "--out", str(tmp_path / "g.png"), "--nifti", str(tmp_path / "g.nii")])
+    volume = np.asarray(nib.load(tmp_path / "g.nii").dataobj)  # [W, H, N], rows flipped (see save_nifti)
+    got = torch.from_numpy(np.ascontiguousarray(volume[:, ::-1, :].transpose(2, 1, 0)))[:, None]
+    generator = load_generator("diffusion", str(run))
+    states, mask, pooled = generator.encoder.encode([PROMPT, PROMPT])
+    denoise = diffusion.make_denoiser(generator.unet, states, mask, pooled, 3.0, "v", 0.95)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((2, 1, 16, 16), generator=g)
+    log_snrs = diffusion.sampling_log_snrs(3)
+    direct = {"ddpm": lambda: diffusion.sample_ddpm(denoise, x, log_snrs, g),
+              "ddim": lambda: diffusion.sample_ddim(denoise, x, log_snrs),
+              "dpmpp2m": lambda: diffusion.sample_dpmpp_2m(denoise, x, log_snrs)}
+    with torch.inference_mode():
+        expected = direct[sampler]()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

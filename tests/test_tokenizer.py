@@ -208,6 +208,9 @@ def test_tokenize_matches_clip(ours, clip_tokenize, corpus, context_length):
         else:
             assert torch.equal(ours(s, context_length=context_length), expected.long()), repr(s)
     assert n_too_long > 100
+    # Training captions: all cut as clip.tokenize(truncate=True) cuts them, and counted as it refuses them.
+    tokens, n_cut = ours.tokenize_corpus(corpus, context_length)
+    assert torch.equal(tokens, truncated) and n_cut == n_too_long
 
 
 def test_single_string_and_empty_batch(ours, clip_tokenize):
@@ -216,6 +219,8 @@ def test_single_string_and_empty_batch(ours, clip_tokenize):
     assert tokens[0, 0] == 49406 and tokens[0, tokens.argmax()] == 49407 and tokens[0, -1] == 0
     assert torch.equal(tokens, clip_tokenize("axial T2-weighted MRI of the brain").long())
     assert ours([]).shape == (0, 77)
+    tokens, n_cut = ours.tokenize_corpus([])
+    assert tokens.shape == (0, 77) and n_cut == 0
 
 
 def test_too_long_error_is_one_clear_line(ours):

@@ -4,5 +4,6 @@ from minimedi.data.captions import evaluation_prompts, tuning_prompts
 from minimedi.data.phantom import PhantomCorpus, pretraining_corpus, target_corpus
 from minimedi.data.brats import BraTSSlices
 from minimedi.data.images import DataWarning, LoadReport
-from minimedi.data.load import load_pretraining_data, load_target_data, materialize
+from minimedi.data.load import (Corpus, describe, load_pretraining_corpus, load_pretraining_data, load_target_corpus,
+                                load_target_data, materialize)
 from minimedi.data.roco import ROCO, ROCOv2

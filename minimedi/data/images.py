@@ -15,8 +15,9 @@ as is. High-bit-depth images (16-bit PNG, float TIFF) have no standard range, so
 to 8 bits. Pixels are kept as uint8 and mapped to [-1, 1] float32 when an item is read.
 
 Bad items. A loader checks every item when it is built and keeps only the good ones; each skip goes into
-a `LoadReport` under a short reason, and the report becomes one line: `str(report)`, also issued once as
-a `DataWarning` when anything was skipped, so a skip is never silent and never a traceback.
+a `LoadReport` under a short reason (as does each item kept after a stated repair), and the report becomes
+one line: `str(report)`, also issued once as a `DataWarning` when anything was skipped or repaired, so
+neither is ever silent nor a traceback.
 """
 import warnings
 from collections import Counter
@@ -35,32 +36,44 @@ class DataWarning(UserWarning):
 
 
 class LoadReport:
-    """Items a loader kept and skipped, by reason, with the first example of each reason.
+    """Items a loader kept, skipped and repaired, by reason, with the first example of each reason.
 
     `str(report)` is one line, e.g. "ROCO train: kept 118 images, skipped 3: 2 corrupt image
     (e.g. ROCO_00012), 1 missing image (e.g. ROCO_00031)". The public dataset constructors call
-    `warn_if_skipped` last, so the warning points at the caller's line.
+    `warn_if_any` last, so the warning points at the caller's line.
     """
 
     def __init__(self, name, unit="items"):
         self.name, self.unit = name, unit
         self.kept = 0
         self.skipped = Counter()
+        self.repaired = Counter()
         self.examples = {}
 
     def skip(self, reason, example):
         self.skipped[reason] += 1
         self.examples.setdefault(reason, str(example))
 
-    def __str__(self):
-        head = f"{self.name}: kept {self.kept} {self.unit}"
-        if not self.skipped:
-            return head + ", none skipped"
-        reasons = ", ".join(f"{n} {reason} (e.g. {self.examples[reason]})" for reason, n in self.skipped.most_common())
-        return f"{head}, skipped {sum(self.skipped.values())}: {reasons}"
+    def repair(self, reason, example):
+        """An item kept after a repair the loader's docstring states (e.g. NaN background set to 0)."""
+        self.repaired[reason] += 1
+        self.examples.setdefault(reason, str(example))
 
-    def warn_if_skipped(self):
+    def _reasons(self, counts):
+        return ", ".join(f"{n} {reason} (e.g. {self.examples[reason]})" for reason, n in counts.most_common())
+
+    def __str__(self):
+        line = f"{self.name}: kept {self.kept} {self.unit}"
         if self.skipped:
+            line += f", skipped {sum(self.skipped.values())}: {self._reasons(self.skipped)}"
+        else:
+            line += ", none skipped"
+        if self.repaired:
+            line += f"; repaired {sum(self.repaired.values())}: {self._reasons(self.repaired)}"
+        return line
+
+    def warn_if_any(self):
+        if self.skipped or self.repaired:
             warnings.warn(str(self), DataWarning, stacklevel=3)
 
 
@@ -81,7 +94,7 @@ def square_box(width, height):
 
 
 def resize_square(picture, size):
-    """Short side to `size`, centre crop to `size x size`, in one bicubic resampling (modes L and F)."""
+    """Short side to `size`, centre crop to `size x size`, in one bicubic resampling."""
     return picture.resize((size, size), Image.BICUBIC, box=square_box(*picture.size))
 
 
@@ -100,12 +113,6 @@ def load_grayscale(path, size):
     with Image.open(path) as picture:
         picture.draft("L", (size, size))  # JPEG only: decode at the smallest scale >= size (see top)
         return np.array(resize_square(to_luminance(picture), size))
-
-
-def resize_slice(values, size):
-    """A float [H, W] slice -> float32 [size, size] by the same short-side resize + centre crop."""
-    picture = Image.fromarray(np.ascontiguousarray(values, dtype=np.float32))  # mode "F"
-    return np.array(resize_square(picture, size))
 
 
 def uint8_to_unit(pixels):

@@ -129,7 +129,7 @@ class ROCO(ImageCaptions):
         pairs = read_roco_captions(captions_file, report)
         records = [(i, roco_file_name(i, images_dir, fetched), c) for i, c in pairs]
         super().__init__(records, images_dir, size, report, workers)
-        report.warn_if_skipped()
+        report.warn_if_any()
 
 
 def read_roco_captions(path, report):
@@ -193,7 +193,7 @@ class ROCOv2(ImageCaptions):
         report = LoadReport(f"ROCOv2 {split}", "images")
         records = [(i, f"{i}.jpg", c) for i, c in read_rocov2_captions(captions_file, report)]
         super().__init__(records, images_dir, size, report, workers)
-        report.warn_if_skipped()
+        report.warn_if_any()
 
 
 def read_rocov2_captions(path, report):

@@ -1,0 +1,128 @@
+"""Fairness alignment tuning: `python align.py` -> <run>/aligned.pt, then the before/after report.
+
+Fine-tunes the pretrained text-to-image model so that the subgroup classifier's share of each class over
+images generated from prompts that never name the subgroup matches the target dataset's, while a
+CLIP-consistency term keeps each image close to what the frozen original model draws from the same noise
+and prompt (DESIGN.md, "Alignment tuning"; Shen et al. 2024). Per step:
+
+  1. a batch of tuning prompts and noise images; the student (LoRA adapters on the UNet, or the whole UNet
+     with --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling, `fairness.py`);
+     the frozen teacher samples from the same noise without;
+  2. the alignment loss of the classifier on the student's images (`fairness.py`);
+  3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))).
+
+aligned.pt holds the EMA of the tuned weights with the adapters merged, so it loads like diffusion.pt
+(`python sample.py --model aligned`), and the student, optimiser and generators for an exact resume.
+"""
+import copy
+import os
+
+import torch
+
+from minimedi import diffusion, fairness, training
+from minimedi.checkpoint import load_checkpoint
+from minimedi.classifier import class_shares, load_classifier
+from minimedi.config import config_to_dict
+from minimedi.data.captions import tuning_prompts
+from minimedi.errors import UserError
+from minimedi.lora import inject_lora, merge_lora
+from minimedi.pipeline import load_generator
+
+
+def architecture(cfg):
+    a = cfg.align
+    return {"align": {"full": a.full, "lora_rank": a.lora_rank}}
+
+
+def target_shares(cfg, classes, shares, path):
+    """The class shares to align to: the target corpus' (from classifier.pt), or --target-female."""
+    if cfg.align.target_female is None:
+        return shares
+    if list(classes) != ["male", "female"]:
+        raise UserError(f"--target-female needs a sex classifier; {path} classifies {classes}")
+    return [1 - cfg.align.target_female, cfg.align.target_female]
+
+
+def alignment_loss(cfg, classifier, images, shares):
+    """The fairness term on the student's images, and the batch's predicted class shares for the log.
+
+    One binary axis (sex, age group): the distributional alignment loss with its closed-form OT. More
+    classes (sex x age group): the exact OT over the joint distribution. `--align-loss kl`: either way,
+    KL between the target shares and the batch-mean probabilities."""
+    logits = classifier(images)
+    probs = torch.softmax(logits.detach() / classifier.temperature, -1)  # predict_proba, without a second pass
+    if cfg.align.loss == "kl":
+        loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), torch.tensor(shares))
+    elif len(shares) == 2:
+        loss, _ = fairness.distributional_alignment_loss(logits, probs[:, 1], shares[1], cfg.align.uncertainty)
+    else:
+        loss, _ = fairness.joint_alignment_loss(logits, probs, shares)
+    return loss, class_shares(probs.argmax(-1), len(shares))
+
+
+def make_aligned(cfg, d):
+    """Tune the run's diffusion model toward the classifier's target shares; returns the merged EMA UNet."""
+    a = cfg.align
+    classifier_path = os.path.join(cfg.run_dir, "classifier.pt")
+    classifier, cls_ckpt = load_classifier(classifier_path, d.device)
+    classes = cls_ckpt["classes"]
+    shares = target_shares(cfg, classes, cls_ckpt["target_shares"], classifier_path)
+    teacher = load_generator("diffusion", cfg.run_dir, d.device)
+    base = load_checkpoint(os.path.join(cfg.run_dir, "diffusion.pt"))
+    if cfg.run.compile:
+        teacher.unet.compile()  # the teacher only samples; the student's LoRA graph stays eager (it is merged later)
+    student = copy.deepcopy(teacher.unet).requires_grad_(True)
+    torch.manual_seed(cfg.run.seed)  # the adapters' random init: same seed, same run
+    params = list(student.parameters()) if a.full else inject_lora(student, a.lora_rank)
+    opt = torch.optim.AdamW(params, lr=a.lr)
+    ema = training.make_ema(student, a.ema)
+    g = torch.Generator().manual_seed(cfg.run.seed)
+    path = os.path.join(cfg.run_dir, "aligned.pt")
+
+    def record():
+        merged = merge_lora(copy.deepcopy(ema.module))
+        return {"model": merged.state_dict(), "ema": merged.state_dict(), "config": base["config"],
+                "architecture": {**base["architecture"], **architecture(cfg)}, "data": base["data"],
+                "target_data": cls_ckpt["data"],
+                "text": base["text"], "align": config_to_dict(cfg)["align"], "classes": classes,
+                "target_shares": shares}
+
+    loop = training.TrainLoop(path, a.steps, {"student": student, "ema": ema, "optimizer": opt, "batches": g},
+                              record, a.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="align")
+    prompts = [p["prompt"] for p in tuning_prompts()]
+    size, prediction = teacher.image_size, teacher.diffusion.prediction
+    log_snrs = diffusion.sampling_log_snrs(a.ddim_steps, teacher.diffusion.schedule, d.device)
+    log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"))
+    goal = ", ".join(f"{c} {share:.3f}" for c, share in zip(classes, shares))
+    print(f"aligning to the shares {goal} ({a.loss} loss, lambda_clip {a.lambda_clip}, "
+          f"{'full UNet' if a.full else f'LoRA rank {a.lora_rank}'})")
+    encoder, running = teacher.encoder, None
+    for step in loop:
+        ids = torch.randint(len(prompts), (a.batch,), generator=g)
+        states, mask, pooled = encoder.encode([prompts[i] for i in ids])
+        noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
+        grad_steps = fairness.random_grad_steps(a.ddim_steps, a.grad_steps, g)
+        x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
+                                                   prediction, checkpoint=a.checkpoint, grad_steps=grad_steps)
+        align, fractions = alignment_loss(cfg, classifier, x_student, shares)
+        loss, clip = align, torch.zeros(())
+        if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
+            x_teacher = fairness.sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled,
+                                                     a.guidance, prediction)
+            clip = fairness.clip_consistency_loss(encoder.clip, x_student, x_teacher)
+            loss = align + a.lambda_clip * clip
+        loop.check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update_parameters(student)
+        running = fractions if running is None else 0.9 * running + 0.1 * fractions
+        loop.bar.set_postfix(align=f"{align.item():.3f}", clip=f"{clip.item():.3f}",
+                             **{c.replace(" ", "_"): f"{share:.2f}" for c, share in zip(classes, running.tolist())})
+        log(task="align", step=step + 1, align_loss=align, clip_loss=clip,
+            class_fractions=dict(zip(classes, fractions.tolist())),
+            running_class_fractions=dict(zip(classes, running.tolist())))
+    loop.finish()
+    print(f"saved {path}")
+    return merge_lora(copy.deepcopy(ema.module))
