@@ -1,9 +1,11 @@
-"""Pretraining. `python train.py [--task diffusion|clip|classifier] [--preset tiny|default|paper] [--flags]`
+"""Pretraining. `python train.py [--task diffusion|clip|sr|classifier] [--preset tiny|default|paper] [--flags]`
 
   --task clip        a small CLIP, contrastively, on the pretraining corpus -> <run>/clip.pt
   --task diffusion   the text-to-image UNet on the pretraining corpus, conditioned on the frozen CLIP text
                      encoder (makes the small CLIP first when neither <run>/clip.pt nor --clip exists)
                      -> <run>/diffusion.pt, sample grids in <run>/samples/
+  --task sr          the cascade's super-resolution stage (--image-size -> --sr-size) on top of the run's
+                     diffusion.pt, trained on random crops -> <run>/sr.pt
   --task classifier  the subgroup classifier on the target corpus -> <run>/classifier.pt
 
 Every task checkpoints periodically; Ctrl-C saves and exits 130, and --resume continues exactly.
@@ -13,7 +15,7 @@ from minimedi import distributed, tasks
 from minimedi.config import parse_config
 from minimedi.errors import run_main
 
-SECTIONS = ("run", "data", "clip", "unet", "diffusion", "train", "classifier")
+SECTIONS = ("run", "data", "clip", "unet", "diffusion", "train", "sr", "classifier")
 
 
 def main(argv=None):

@@ -149,10 +149,6 @@ class SRConfig:
                                flag="--sr-min-snr-gamma", ge=0)
     aug_max: float = opt(0.5, "noise conditioning augmentation: training levels ~ U[0, this]", flag="--sr-aug-max",
                          ge=0, le=1)
-    aug_level: float = opt(0.2, "noise conditioning augmentation: the fixed level when sampling",
-                           flag="--sr-aug-level", ge=0, le=1)
-    sample_steps: int = opt(20, "super-resolution stage: sampler steps", flag="--sr-sample-steps", ge=1)
-    guidance: float = opt(1.0, "super-resolution stage: classifier-free guidance scale", flag="--sr-guidance", ge=0)
 
 
 @dataclass
@@ -202,6 +198,13 @@ class SampleConfig:
     model: str = opt("diffusion", "which weights: diffusion | aligned | the path of an exported model folder")
     nifti: str = opt("", "also write the images as a NIfTI stack here")
     truncate: bool = opt(False, "cut prompts longer than 77 CLIP tokens instead of refusing them")
+    stages: str = opt("all", "all: the whole cascade when the run has sr.pt; base: the base model alone",
+                      choices=("all", "base"))
+    sr_aug_level: float = opt(0.2, "super-resolution stage: the fixed noise conditioning augmentation level",
+                              flag="--sr-aug-level", ge=0, le=1)
+    sr_steps: int = opt(20, "super-resolution stage: sampler steps", flag="--sr-sample-steps", ge=1)
+    sr_guidance: float = opt(1.0, "super-resolution stage: classifier-free guidance scale", flag="--sr-guidance",
+                             ge=0)
 
 
 @dataclass
@@ -245,10 +248,10 @@ PRESETS = {
         "train": {"steps": 20, "batch_size": 8, "warmup": 5, "log_every": 5, "sample_every": 0,
                   "ckpt_every": 10},
         "sr": {"size": 32, "crop": 16, "n": 128, "dim": 8, "dim_mults": (2, 4), "num_res_blocks": (1, 1),
-               "attn_resolutions": (8,), "head_dim": 16, "groups": 4, "steps": 20, "batch": 8, "sample_steps": 4},
+               "attn_resolutions": (8,), "head_dim": 16, "groups": 4, "steps": 20, "batch": 8},
         "classifier": {"width": 8, "steps": 20, "batch": 32},
         "align": {"steps": 4, "batch": 4, "ddim_steps": 4, "grad_steps": 2, "lora_rank": 2, "report": False},
-        "sample": {"n": 2, "steps": 4},
+        "sample": {"n": 2, "steps": 4, "sr_steps": 4},
         "eval": {"n": 1, "steps": 2, "probe_steps": 10},
     },
     # The embedded phantom corpus at 32x32, sized for a 2-core CPU: the field defaults.
@@ -264,7 +267,8 @@ PRESETS = {
                   "sample_every": 5000, "ckpt_every": 2000},
         "sr": {"size": 256, "crop": 128, "n": 20000, "dim": 64, "dim_mults": (2, 4, 8, 8),
                "num_res_blocks": (2, 4, 8, 8), "attn_resolutions": (32, 16), "head_dim": 64, "groups": 32,
-               "steps": 100000, "batch": 64, "lr": 1e-4, "sample_steps": 50},
+               "steps": 100000, "batch": 64, "lr": 1e-4},
+        "sample": {"sr_steps": 50},
         "classifier": {"width": 64, "steps": 10000},
         "align": {"steps": 2000, "batch": 24, "lr": 1e-4, "ema": 0.995, "ddim_steps": 20, "grad_steps": 0,
                   "checkpoint": True, "lora_rank": 50},

@@ -4,6 +4,8 @@
                                        the text encoder's CLIPConfig and the data the model learned from
     FOLDER/model.safetensors           the UNet's EMA weights
     FOLDER/text_encoder.safetensors    the frozen CLIP the captions are encoded with (its OpenAI-named weights)
+    FOLDER/sr.safetensors              when the run has sr.pt: the cascade's super-resolution stage (EMA
+                                       weights; its config, architecture and text dims under "sr" in config.json)
 
 Nothing in the folder depends on the machine or the run folder it came from: `python sample.py --model FOLDER`
 samples from it anywhere. safetensors holds tensors only, so loading it runs no code.
@@ -31,6 +33,12 @@ def export_model(run_dir, which, out):
     config = {"config": ckpt["config"], "architecture": ckpt["architecture"], "text_encoder": dataclasses.asdict(clip.config), "data": ckpt.get("data", {}), "source": which,
               **({"align": ckpt["align"], "target_shares": ckpt["target_shares"]} if "align" in ckpt else {})}
     os.makedirs(out, exist_ok=True)
+    sr_path = os.path.join(run_dir, "sr.pt")
+    if os.path.exists(sr_path):
+        sr = load_checkpoint(sr_path)
+        config["sr"] = {key: sr[key] for key in ("config", "architecture", "text", "data")}
+        with atomic_path(os.path.join(out, "sr.safetensors")) as tmp:
+            save_file({k: v.contiguous() for k, v in sr["ema"].items()}, tmp)
     with atomic_path(os.path.join(out, "model.safetensors")) as tmp:
         save_file({k: v.contiguous() for k, v in ckpt["ema"].items()}, tmp)
     with atomic_path(os.path.join(out, "text_encoder.safetensors")) as tmp:

@@ -10,6 +10,11 @@ Where a generator comes from (`load_generator`):
   settings and its text encoder ("clip.pt", relative to the run folder, or an absolute `--clip` path);
 - an exported model folder (`python -m minimedi.export`): `config.json`, `model.safetensors` (UNet EMA
   weights) and `text_encoder.safetensors` (the CLIP it was trained with), which loads from anywhere.
+
+Imagen's cascade (`Cascade`): with `stages="all"` and a super-resolution stage beside the base model (the
+run's `sr.pt`, or `sr.safetensors` in an exported folder), the generator is the base model followed by
+`cascade.super_resolve`. The aligned model's cascade is the aligned base followed by the same SR stage: the
+SR stage only adds detail the low-resolution image cannot hold, so it is trained once, on the base corpus.
 """
 import json
 import os
@@ -18,10 +23,12 @@ import torch
 from safetensors.torch import load_file
 
 from minimedi import diffusion
+from minimedi.cascade import super_resolve
 from minimedi.checkpoint import load_checkpoint
 from minimedi.clip import CLIP, CLIPConfig, load_clip
-from minimedi.config import DiffusionConfig, UNetConfig
+from minimedi.config import DiffusionConfig, SRConfig, UNetConfig
 from minimedi.errors import UserError
+from minimedi.sr_unet import SRUNet
 from minimedi.text import FrozenTextEncoder
 from minimedi.unet import UNet
 
@@ -40,10 +47,11 @@ class TextToImage:
         return next(self.unet.parameters()).device
 
     @torch.inference_mode()
-    def __call__(self, prompts, steps=50, sampler="ddim", guidance=3.0, eta=0.0, seed=0, batch_size=128):
+    def __call__(self, prompts, steps=50, sampler="ddim", guidance=3.0, eta=0.0, seed=0, batch_size=128,
+                 generator=None):
         """One image per prompt (repeat a prompt for several), in batches of `batch_size` drawn from one
-        generator seeded with `seed`."""
-        g = torch.Generator(self.device).manual_seed(seed)
+        generator seeded with `seed` (or from `generator`, which then goes on for a later stage)."""
+        g = generator or torch.Generator(self.device).manual_seed(seed)
         images = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
@@ -54,6 +62,44 @@ class TextToImage:
             images.append(diffusion.sample(denoise, shape, steps, sampler, self.diffusion.schedule, eta,
                                            generator=g, device=self.device).cpu())
         return torch.cat(images)
+
+
+class Cascade:
+    """The base model, then the super-resolution stage: captions -> images [N, 1, size, size] in [-1, 1].
+
+    `sr` holds the SR stage's sampling settings: the fixed noise conditioning augmentation level
+    `aug_level`, `steps` and `guidance`. One generator seeded with `seed` draws the base samples and then
+    the SR stage's noise, so the same seed gives the same images and the two stages never share noise."""
+
+    def __init__(self, base, sr_unet, sr_diffusion, size, aug_level=0.2, steps=20, guidance=1.0):
+        self.base, self.sr_unet, self.sr_diffusion, self.image_size = base, sr_unet, sr_diffusion, size
+        self.sr = {"aug_level": aug_level, "steps": steps, "guidance": guidance}
+
+    @property
+    def unet(self):
+        return self.base.unet
+
+    @property
+    def encoder(self):
+        return self.base.encoder
+
+    @property
+    def device(self):
+        return self.base.device
+
+    @torch.inference_mode()
+    def __call__(self, prompts, steps=50, sampler="ddim", guidance=3.0, eta=0.0, seed=0, batch_size=128,
+                 return_base=False):
+        """As `TextToImage`; with `return_base`, (base images, final images) of the same samples."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        low = self.base(prompts, steps, sampler, guidance, eta, batch_size=batch_size, generator=g)
+        states, mask, pooled = self.encoder.encode(prompts)
+        d = self.sr_diffusion
+        high = super_resolve(self.sr_unet, low.to(self.device), states, mask, pooled, size=self.image_size,
+                             aug_level=self.sr["aug_level"], steps=self.sr["steps"], sampler=sampler, eta=eta,
+                             guidance=self.sr["guidance"], prediction=d.prediction, schedule=d.schedule,
+                             threshold=d.dynamic_threshold, generator=g, batch_size=batch_size).cpu()
+        return (low, high) if return_base else high
 
 
 def load_text_encoder(reference, base_dir, device="cpu", truncate=False):
@@ -71,10 +117,49 @@ def build_unet(architecture, text_dims):
                 image_size=architecture["data"]["image_size"])
 
 
-def load_generator(model="diffusion", run_dir="runs/default", device="cpu", truncate=False):
-    """A TextToImage from `model`: "diffusion" or "aligned" (the run's checkpoint) or an exported folder."""
+def build_sr_unet(architecture, text_dims):
+    """An SRUNet with the shape sr.pt recorded (`architecture` = {"sr": {...}, "data": {"image_size"}})."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in architecture["sr"].items()}
+    return SRUNet(SRConfig(**fields, crop=0), *text_dims)
+
+
+def with_sr(base, sr_unet, record, sr):
+    """`base` followed by the SR stage `sr_unet` (its checkpoint or export record: architecture, config,
+    text dims), sampled with the settings `sr` (see `Cascade`)."""
+    if list(record["text"]["dims"]) != list(base.encoder.dims):
+        raise UserError(f"the super-resolution stage reads {record['text']['dims']}-wide text features, the base "
+                        f"model's encoder gives {list(base.encoder.dims)}: retrain it with `python train.py --task sr`")
+    sr_unet = sr_unet.to(base.device).eval().requires_grad_(False)
+    return Cascade(base, sr_unet, DiffusionConfig(**record["config"]["diffusion"]), record["architecture"]["sr"]["size"],
+                   **(sr or {}))
+
+
+def load_generator(model="diffusion", run_dir="runs/default", device="cpu", truncate=False, stages="base",
+                   sr=None):
+    """A TextToImage from `model`: "diffusion" or "aligned" (the run's checkpoint) or an exported folder;
+    with stages="all", a `Cascade` through the run's (or the folder's) SR stage when it has one."""
     if model not in MAKES:
-        return load_exported(model, device, truncate)
+        base, folder = load_exported(model, device, truncate), model
+        path = os.path.join(folder, "sr.safetensors")
+        if stages == "base" or not os.path.exists(path):
+            return base
+        with open(os.path.join(folder, "config.json")) as f:
+            record = json.load(f)["sr"]
+        sr_unet = build_sr_unet(record["architecture"], record["text"]["dims"])
+        sr_unet.load_state_dict(load_file(path))
+        return with_sr(base, sr_unet, record, sr)
+    base = load_base(model, run_dir, device, truncate)
+    path = os.path.join(run_dir, "sr.pt")
+    if stages == "base" or not os.path.exists(path):
+        return base
+    ckpt = load_checkpoint(path)
+    sr_unet = build_sr_unet(ckpt["architecture"], ckpt["text"]["dims"])
+    sr_unet.load_state_dict(ckpt["ema"])
+    return with_sr(base, sr_unet, ckpt, sr)
+
+
+def load_base(model, run_dir, device, truncate):
+    """The TextToImage of the run's diffusion.pt or aligned.pt."""
     path = os.path.join(run_dir, f"{model}.pt")
     if not os.path.exists(path):
         raise UserError(f"no {model} model at {path}: run `{MAKES[model]}` first (or pass --run DIR)")

@@ -54,7 +54,8 @@ def cases():
 def test_the_table_covers_every_bounded_flag():
     flags = {p.values[1] for p in cases()}
     assert {"--ckpt-every", "--log-every", "--lora-rank", "--align-batch", "--eval-n", "--target-female",
-            "--clip-width", "--sr-size" if hasattr(Config(), "sr") else "--steps"} <= flags
+            "--clip-width", "--sr-size", "--sr-crop", "--sr-steps", "--sr-aug-max", "--sr-aug-level",
+            "--sr-sample-steps", "--sr-guidance"} <= flags
 
 
 @pytest.mark.parametrize("script, flag, value", list(cases()))
@@ -77,6 +78,7 @@ def test_every_invalid_numeric_value_is_one_line_and_exit_2(script, flag, value,
     ("train.py", ["--image-size", "18", "--dim-mults", "1", "2", "4"], "cannot be halved"),
     ("train.py", ["--image-size", "20"], "--clip-patch 8 does not divide the image size 20"),
     ("train.py", ["--clip-width", "100", "--clip-head-dim", "32"], "does not split into 3 heads"),
+    ("train.py", ["--task", "sr"], "--task sr needs a base model"),
     ("sample.py", ["--model", "/no/such/folder"], "not diffusion, aligned or an exported model folder"),
     ("export", ["--model", "aligned"], "give --out"),
 ])

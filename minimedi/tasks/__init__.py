@@ -1,6 +1,6 @@
 """The pipeline of artifacts: what each file of a run folder is, what makes it, and what it needs first.
 
-    clip.pt ─────> diffusion.pt ──┐
+    clip.pt ─────> diffusion.pt ──┬──> sr.pt (the cascade's super-resolution stage)
                                   ├──> aligned.pt ──> report.md / report.json / fairness.png
     classifier.pt ────────────────┘
 
@@ -28,6 +28,7 @@ from minimedi.tasks.classifier import make_classifier
 from minimedi.tasks.clip import clip_config, make_clip
 from minimedi.tasks.diffusion import make_diffusion
 from minimedi.tasks.report import make_report
+from minimedi.tasks.sr import make_sr
 from minimedi.unet import check_config as check_unet
 
 
@@ -53,6 +54,8 @@ ARTIFACTS = {
                      data="pretrain"),
     "diffusion": Artifact("diffusion.pt", make_diffusion, lambda cfg: () if cfg.clip.weights else ("clip",),
                           "python train.py", ("clip", "unet", "diffusion", "train"), ddp=True, data="pretrain"),
+    # needs no prerequisite made on demand: without the run's diffusion.pt it refuses (`tasks.sr.base_model`)
+    "sr": Artifact("sr.pt", make_sr, lambda cfg: (), "python train.py --task sr", ("sr",), ddp=True),
     "classifier": Artifact("classifier.pt", make_classifier, lambda cfg: (), "python train.py --task classifier",
                            ("classifier",), ddp=False, data="target"),
     "aligned": Artifact("aligned.pt", make_aligned, lambda cfg: ("diffusion", "classifier"), "python align.py",

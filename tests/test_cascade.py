@@ -1,0 +1,85 @@
+"""The cascade end to end on a tiny run: `train.py --task sr` refuses what cannot work, sample.py runs the base
+model then the SR stage (deterministic for a seed, at the final size, --stages base at the base size), and an
+exported folder carries the SR stage with it."""
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from minimedi.checkpoint import load_checkpoint
+from minimedi.errors import run_main
+from minimedi.export import main as export_main
+from minimedi.pipeline import Cascade, TextToImage, load_generator
+from tests.helpers import TINY, copy_run
+
+PROMPT = "Axial FLAIR MRI of the brain showing a large glioma in the left frontal lobe."
+
+
+@pytest.fixture(scope="module")
+def sr_run(tiny_base, tmp_path_factory):
+    """The tiny base run plus a 4-step SR stage (16 -> 32 px)."""
+    run = copy_run(tiny_base, tmp_path_factory.mktemp("sr_run") / "run", ("clip.pt", "diffusion.pt"))
+    train.main(TINY + ["--run", str(run), "--task", "sr", "--sr-steps", "4"])
+    return run
+
+
+def _volume(argv, tmp_path, name):
+    sample.main(argv + ["--prompt", PROMPT, "--n", "2", "--sample-steps", "2", "--sr-sample-steps", "2",
+                        "--out", str(tmp_path / f"{name}.png"), "--nifti", str(tmp_path / f"{name}.nii.gz")])
+    return nib.load(tmp_path / f"{name}.nii.gz").get_fdata()
+
+
+def test_sr_records_its_architecture_base_and_text_encoder(sr_run):
+    ckpt = load_checkpoint(sr_run / "sr.pt")
+    assert ckpt["finished"] and ckpt["step"] == 4
+    assert ckpt["architecture"]["sr"]["size"] == 32 and ckpt["architecture"]["data"]["image_size"] == 16
+    assert ckpt["text"]["clip"] == "clip.pt" and ckpt["data"]["pairs"] == 64  # the base's --n-pretrain 64
+
+
+@pytest.mark.parametrize("flags, message", [(["--sr-size", "40", "--sr-crop", "8"], "multiple of"),
+                                            (["--sr-size", "16", "--sr-crop", "8"], "larger than it")])
+def test_sr_size_that_does_not_enlarge_the_base_is_one_line_and_exit_2(tiny_base, tmp_path, capsys, flags, message):
+    run = copy_run(tiny_base, tmp_path / "run", ("clip.pt", "diffusion.pt"))
+    with pytest.raises(SystemExit) as stop:
+        run_main(train.main, TINY + ["--run", str(run), "--task", "sr", *flags])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (run / "sr.pt").exists()
+
+
+def test_cascade_is_deterministic_for_a_seed_and_at_the_final_size(sr_run, tmp_path):
+    a = _volume(["--run", str(sr_run), "--seed", "1"], tmp_path, "a")
+    b = _volume(["--run", str(sr_run), "--seed", "1"], tmp_path, "b")
+    c = _volume(["--run", str(sr_run), "--seed", "2"], tmp_path, "c")
+    assert a.shape == (32, 32, 2)
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+def test_stages_base_samples_the_base_model_alone(sr_run, tmp_path):
+    assert _volume(["--run", str(sr_run), "--stages", "base"], tmp_path, "base").shape == (16, 16, 2)
+
+
+def test_the_cascades_first_stage_is_the_base_models_samples_for_the_seed(sr_run):
+    cascade = load_generator("diffusion", str(sr_run), stages="all", sr={"steps": 2})
+    base = load_generator("diffusion", str(sr_run))
+    assert isinstance(cascade, Cascade) and isinstance(base, TextToImage)
+    low, high = cascade([PROMPT] * 2, steps=2, seed=5, return_base=True)
+    assert torch.equal(low, base([PROMPT] * 2, steps=2, seed=5))
+    assert high.shape == (2, 1, 32, 32) and high.abs().max() <= 1
+
+
+def test_an_exported_cascade_samples_anywhere_like_its_run(sr_run, tmp_path):
+    run = copy_run(sr_run, tmp_path / "run")
+    export_main(["--run", str(run), "--model", "diffusion", "--out", str(tmp_path / "model")])
+    shutil.rmtree(run)
+    shutil.move(tmp_path / "model", tmp_path / "far" / "away")
+    config = json.loads((tmp_path / "far" / "away" / "config.json").read_text())
+    assert config["sr"]["architecture"]["sr"]["size"] == 32
+    exported = _volume(["--model", str(tmp_path / "far" / "away")], tmp_path, "exported")
+    original = _volume(["--run", str(sr_run)], tmp_path, "original")
+    assert exported.shape == (32, 32, 2) and np.array_equal(exported, original)
