@@ -1,6 +1,6 @@
 """Configuration: plain dataclasses, named presets, and command-line flags generated from the fields.
 
-A `Config` is a handful of sections (run, data, clip, unet, diffusion, train, sr, classifier, align,
+A `Config` is a handful of sections (run, data, clip, unet, diffusion, train, sr, sr_eval, classifier, align,
 sample, eval). A preset is a *named set of overrides* on top of the dataclass defaults, so nothing is
 copied:
 
@@ -152,6 +152,18 @@ class SRConfig:
 
 
 @dataclass
+class SREvalConfig:
+    """`python -m minimedi.sr_eval`: the SR stage against bicubic, and fairness through the cascade."""
+    n: int = opt(32, "SR evaluation: held-out real pairs, and cascade samples per model", flag="--sr-eval-n", ge=2)
+    steps: int = opt(25, "SR evaluation: the base model's DDIM steps", flag="--sr-eval-steps", ge=1)
+    features: int = opt(600, "SR evaluation: target images at the final size the sex classifier (and FID "
+                        "feature space) learns from", flag="--sr-eval-features", ge=10)
+    feature_steps: int = opt(150, "SR evaluation: that classifier's training steps", flag="--sr-eval-feature-steps",
+                             ge=1)
+    feature_width: int = opt(8, "SR evaluation: that classifier's base width", flag="--sr-eval-feature-width", ge=1)
+
+
+@dataclass
 class ClassifierConfig:
     subgroup: str = opt("sex", "subgroup axis", choices=("sex", "age", "sex_age"))
     arch: str = opt("resnet", "classifier architecture", flag="--cls-arch", choices=("resnet", "vgg"))
@@ -224,6 +236,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sr: SRConfig = field(default_factory=SRConfig)
+    sr_eval: SREvalConfig = field(default_factory=SREvalConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -252,6 +265,7 @@ PRESETS = {
         "classifier": {"width": 8, "steps": 20, "batch": 32},
         "align": {"steps": 4, "batch": 4, "ddim_steps": 4, "grad_steps": 2, "lora_rank": 2, "report": False},
         "sample": {"n": 2, "steps": 4, "sr_steps": 4},
+        "sr_eval": {"n": 8, "steps": 2, "features": 40, "feature_steps": 10, "feature_width": 4},
         "eval": {"n": 1, "steps": 2, "probe_steps": 10},
     },
     # The embedded phantom corpus at 32x32, sized for a 2-core CPU: the field defaults.

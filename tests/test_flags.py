@@ -9,13 +9,13 @@ import pytest
 import align
 import sample
 import train
-from minimedi import evaluate, export
+from minimedi import evaluate, export, sr_eval
 from minimedi.config import BOUNDS, Config, flag_name
 from minimedi.errors import run_main
 
 SCRIPTS = {"train.py": (train.main, train.SECTIONS), "align.py": (align.main, align.SECTIONS),
            "sample.py": (sample.main, sample.SECTIONS), "evaluate": (evaluate.main, evaluate.SECTIONS),
-           "export": (export.main, export.SECTIONS)}
+           "export": (export.main, export.SECTIONS), "sr_eval": (sr_eval.main, sr_eval.SECTIONS)}
 
 
 def argv(script, tmp_path, *flags):
@@ -55,7 +55,7 @@ def test_the_table_covers_every_bounded_flag():
     flags = {p.values[1] for p in cases()}
     assert {"--ckpt-every", "--log-every", "--lora-rank", "--align-batch", "--eval-n", "--target-female",
             "--clip-width", "--sr-size", "--sr-crop", "--sr-steps", "--sr-aug-max", "--sr-aug-level",
-            "--sr-sample-steps", "--sr-guidance"} <= flags
+            "--sr-sample-steps", "--sr-guidance", "--sr-eval-n", "--sr-eval-feature-steps"} <= flags
 
 
 @pytest.mark.parametrize("script, flag, value", list(cases()))
@@ -81,6 +81,7 @@ def test_every_invalid_numeric_value_is_one_line_and_exit_2(script, flag, value,
     ("train.py", ["--task", "sr"], "--task sr needs a base model"),
     ("sample.py", ["--model", "/no/such/folder"], "not diffusion, aligned or an exported model folder"),
     ("export", ["--model", "aligned"], "give --out"),
+    ("sr_eval", [], "python train.py --task sr"),
 ])
 def test_bad_paths_and_shapes_are_one_line_and_exit_2(script, flags, message, tmp_path, capsys):
     main, _ = SCRIPTS[script]

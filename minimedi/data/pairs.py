@@ -11,12 +11,13 @@ import torch
 from torch.utils.data import Subset
 
 from minimedi.data.load import materialize
-from minimedi.data.phantom import pretraining_corpus
+from minimedi.data.phantom import PhantomCorpus, pretraining_corpus
 from minimedi.data.roco import ROCO, ROCOv2
 from minimedi.errors import UserError
 from minimedi.resize import downsampled_pairs
 
 REAL_CORPORA = {"roco": ROCO, "rocov2": ROCOv2}
+HELDOUT_SPLITS = {"roco": "validation", "rocov2": "valid"}
 
 
 def load_sr_pairs(data_cfg, size, n):
@@ -29,9 +30,26 @@ def load_sr_pairs(data_cfg, size, n):
         low = corpus.images(ids).to(torch.float16)
         high = corpus.images(ids, size=size).to(torch.float16)
         return low, high, [corpus.caption(i) for i in ids]
+    return _real_pairs(data_cfg, size, n, "train")
+
+
+def load_heldout_pairs(data_cfg, size, n):
+    """As `load_sr_pairs`, from images no stage trained on: the phantom corpus of the next seed, or the
+    validation split of a real corpus."""
+    kind = data_cfg.pretrain.partition(":")[0]
+    if kind == "phantom":
+        corpus = PhantomCorpus(n, data_cfg.image_size, data_cfg.pretrain_female, data_cfg.seed + 1, "pretrain",
+                               p_tumor=data_cfg.pretrain_tumor)
+        return corpus.images().to(torch.float16), corpus.images(size=size).to(torch.float16), \
+            [corpus.caption(i) for i in range(n)]
+    return _real_pairs(data_cfg, size, n, HELDOUT_SPLITS.get(kind, "train"))
+
+
+def _real_pairs(data_cfg, size, n, split):
+    kind, _, path = data_cfg.pretrain.partition(":")
     if kind not in REAL_CORPORA or not path:
         raise UserError(f"--data {data_cfg.pretrain!r}: expected phantom, roco:PATH or rocov2:PATH")
-    dataset = REAL_CORPORA[kind](path, "train", size)
+    dataset = REAL_CORPORA[kind](path, split, size)
     high, captions, _ = materialize(Subset(dataset, range(min(n, len(dataset)))), f"loading {kind} at {size} px")
     low, high = downsampled_pairs(high, data_cfg.image_size)
     return low, high, captions

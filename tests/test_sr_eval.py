@@ -1,0 +1,53 @@
+"""python -m minimedi.sr_eval on a tiny run: the report's files and numbers, and its pieces."""
+import json
+import math
+
+import pytest
+import torch
+
+import train
+from minimedi import sr_eval
+from minimedi.errors import UserError
+from tests.helpers import TINY, copy_run
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_base, tmp_path_factory):
+    run = copy_run(tiny_base, tmp_path_factory.mktemp("sr_eval") / "run", ("clip.pt", "diffusion.pt", "classifier.pt"))
+    train.main(TINY + ["--run", str(run), "--task", "sr", "--sr-steps", "4"])
+    sr_eval.main(TINY + ["--run", str(run)])
+    return run
+
+
+def test_the_report_files_and_their_numbers(evaluated):
+    report = json.loads((evaluated / "sr_report.json").read_text())
+    assert (evaluated / "sr_report.md").read_text().startswith("# Super-resolution stage: 16 px -> 32 px")
+    assert (evaluated / "sr_samples.png").exists() and (evaluated / "sex32.pt").exists()
+    assert report["n"] == 8 and set(report["pairs"]) == {"sr", "bicubic", "real"}
+    for q in (*report["pairs"].values(), report["diffusion"]["sr"], report["diffusion"]["bicubic"]):
+        assert math.isfinite(q["fid"]) and q["consistency"]["mean"] >= 0
+    # two renders of a slice differ by their MR noise only; a 4-step SR stage strays much further
+    assert report["pairs"]["real"]["consistency"]["mean"] < 0.1 < report["pairs"]["sr"]["consistency"]["mean"]
+    share = report["diffusion"]["female_share"]
+    assert share["base"]["n"] == share["cascade"]["n"] == 8 and 0 <= share["test"]["p_value"] <= 1
+    assert "aligned" not in report  # the run has no aligned.pt
+
+
+def test_without_sr_pt_it_names_the_command(tiny_base, tmp_path):
+    with pytest.raises(UserError, match="python train.py --task sr"):
+        sr_eval.main(TINY + ["--run", str(copy_run(tiny_base, tmp_path / "run", ("diffusion.pt",)))])
+
+
+def test_female_share_and_the_two_proportion_test():
+    a = sr_eval.female_share(torch.tensor([0.9, 0.8, 0.1, 0.2]))
+    assert (a["female"], a["share"], a["se"]) == (2, 0.5, 0.25)
+    same = sr_eval.two_proportion_test(a, a)
+    far = sr_eval.two_proportion_test(sr_eval.female_share(torch.full((100,), 0.9)),
+                                      sr_eval.female_share(torch.cat([torch.full((50,), 0.9), torch.zeros(50)])))
+    assert same == {"z": 0.0, "p_value": 1.0} and far["z"] > 5 and far["p_value"] < 1e-6
+
+
+def test_consistency_is_zero_for_an_image_whose_box_filter_is_the_input():
+    low = torch.rand(3, 1, 4, 4)
+    assert sr_eval.consistency(low.repeat_interleave(2, -1).repeat_interleave(2, -2), low)["mean"] < 1e-6
+    assert sr_eval.consistency(torch.zeros(3, 1, 8, 8), low)["mean"] > 0.1
