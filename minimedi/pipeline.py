@@ -130,8 +130,8 @@ def with_sr(base, sr_unet, record, sr):
         raise UserError(f"the super-resolution stage reads {record['text']['dims']}-wide text features, the base "
                         f"model's encoder gives {list(base.encoder.dims)}: retrain it with `python train.py --task sr`")
     sr_unet = sr_unet.to(base.device).eval().requires_grad_(False)
-    return Cascade(base, sr_unet, DiffusionConfig(**record["config"]["diffusion"]), record["architecture"]["sr"]["size"],
-                   **(sr or {}))
+    return Cascade(base, sr_unet, DiffusionConfig(**record["config"]["diffusion"]),
+                   record["architecture"]["sr"]["size"], **(sr or {}))
 
 
 def load_generator(model="diffusion", run_dir="runs/default", device="cpu", truncate=False, stages="base",
