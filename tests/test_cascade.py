@@ -83,3 +83,18 @@ def test_an_exported_cascade_samples_anywhere_like_its_run(sr_run, tmp_path):
     exported = _volume(["--model", str(tmp_path / "far" / "away")], tmp_path, "exported")
     original = _volume(["--run", str(sr_run)], tmp_path, "original")
     assert exported.shape == (32, 32, 2) and np.array_equal(exported, original)
+
+
+def test_the_aligned_cascade_is_the_aligned_base_then_the_same_sr_stage(sr_run, tmp_path):
+    run = copy_run(sr_run, tmp_path / "run")
+    aligned = load_checkpoint(run / "diffusion.pt")
+    aligned["ema"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                      for k, v in aligned["ema"].items()}  # stands in for tuned weights
+    torch.save(aligned, run / "aligned.pt")
+    cascade = load_generator("aligned", str(run), stages="all", sr={"steps": 2})
+    assert isinstance(cascade, Cascade) and cascade.image_size == 32
+    assert torch.equal(cascade.sr_unet.init_conv.weight, load_checkpoint(run / "sr.pt")["ema"]["init_conv.weight"])
+    base = load_generator("diffusion", str(run), stages="all", sr={"steps": 2})
+    low_aligned, _ = cascade([PROMPT] * 2, steps=2, seed=0, return_base=True)
+    low_base, _ = base([PROMPT] * 2, steps=2, seed=0, return_base=True)
+    assert not torch.equal(low_aligned, low_base)
