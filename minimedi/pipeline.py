@@ -71,7 +71,7 @@ class Cascade:
     `aug_level`, `steps` and `guidance`. One generator seeded with `seed` draws the base samples and then
     the SR stage's noise, so the same seed gives the same images and the two stages never share noise."""
 
-    def __init__(self, base, sr_unet, sr_diffusion, size, aug_level=0.2, steps=20, guidance=1.0):
+    def __init__(self, base, sr_unet, sr_diffusion, size, aug_level=0.1, steps=20, guidance=1.0):
         self.base, self.sr_unet, self.sr_diffusion, self.image_size = base, sr_unet, sr_diffusion, size
         self.sr = {"aug_level": aug_level, "steps": steps, "guidance": guidance}
 
