@@ -5,12 +5,15 @@ generated from prompts that never mention sex matches the target dataset's, whil
 keeps each image close to what the frozen original model draws from the same noise and prompt.
 
 Per step (DESIGN.md, "Alignment tuning"; Shen et al. 2024):
-  1. N tuning prompts and N noise images; the student (LoRA adapters on the UNet, or the whole UNet with
+  1. N = --align-batch noise images for N / M tuning prompts, M = --align-per-prompt images each; a share
+     --named-sex of the prompts name sex. The student (LoRA adapters on the UNet, or the whole UNet with
      --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling, `fairness.py`);
      the frozen teacher samples from the same noise without.
-  2. Distributional alignment: rank the batch by the calibrated p(female), assign the top round(N r) to
-     "female" (optimal transport to the target share r), drop uncertain assignments, cross-entropy.
-     (`--align-loss kl`: KL between the batch-mean probability and r.)
+  2. Distributional alignment, within each prompt's M images: rank by the calibrated p(female), assign
+     the top round(M r) to "female" (optimal transport to the prompt's target share r: the target
+     corpus' share, or 1 / 0 for a prompt naming a woman / a man), drop uncertain assignments and those
+     the classifier is already as sure of as of real target images (--align-cap), cross-entropy.
+     (`--align-loss kl`: KL between each prompt's mean probability and r.)
   3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))).
 Missing prerequisites (diffusion.pt, classifier.pt) are trained first. Writes <run>/aligned.pt (EMA of the
 tuned weights, adapters merged: it loads like diffusion.pt, e.g. `python sample.py --model aligned`), then
@@ -27,7 +30,8 @@ from minimedi import diffusion, evaluate, fairness, training
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import class_shares, load_classifier
 from minimedi.config import config_to_dict, parse_config
-from minimedi.data.captions import tuning_prompts
+from minimedi.data.captions import named_sex_tuning_prompts, tuning_prompts
+from minimedi.data.reference import reference_images
 from minimedi.errors import UserError, run_main
 from minimedi.lora import inject_lora, merge_lora
 from minimedi.pipeline import load_generator
@@ -56,26 +60,32 @@ def prerequisites(cfg, d):
     return classifier, classes, shares
 
 
-def alignment_loss(cfg, classifier, images, shares):
+def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_toward):
     """The fairness term on the student's images, and the batch's predicted class shares for the log.
 
-    One binary axis (sex, age group): the distributional alignment loss with its closed-form OT. More
-    classes (sex x age group): the exact OT over the joint distribution. `--align-loss kl`: either way,
-    KL between the target shares and the batch-mean probabilities."""
+    One binary axis (sex, age group): the distributional alignment loss with its closed-form OT, within
+    each prompt's images (`groups`, target `prompt_shares` per prompt). More classes (sex x age group):
+    the exact OT over the joint distribution, within each prompt. `--align-loss kl`: KL between the
+    target shares and each prompt's mean probabilities."""
     logits = classifier(images)
     probs = torch.softmax(logits.detach() / classifier.temperature, -1)  # predict_proba, without a second pass
+    stats = {}
     if cfg.align.loss == "kl":
-        loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), torch.tensor(shares))
+        target = torch.stack([1 - prompt_shares, prompt_shares], 1) if len(shares) == 2 else torch.tensor(shares)
+        loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), target, groups)
     elif len(shares) == 2:
-        loss, _ = fairness.distributional_alignment_loss(logits, probs[:, 1], shares[1], cfg.align.uncertainty)
+        loss, stats = fairness.distributional_alignment_loss(logits, groups, prompt_shares, cfg.align.uncertainty,
+                                                             float(classifier.temperature), real_toward)
     else:
-        loss, _ = fairness.joint_alignment_loss(logits, probs, shares)
-    return loss, class_shares(probs.argmax(-1), len(shares))
+        loss, _ = fairness.joint_alignment_loss(logits, probs, shares, groups)
+    return loss, class_shares(probs.argmax(-1), len(shares)), stats
 
 
 def main(argv=None):
     cfg = parse_config(argv, SECTIONS, description=__doc__)
     a = cfg.align
+    if a.batch % a.per_prompt:
+        raise UserError(f"--align-batch {a.batch} is not a multiple of --align-per-prompt {a.per_prompt}")
     d = training.setup(cfg.run.device)
     classifier, classes, shares = prerequisites(cfg, d)
     teacher, encoder, base_cfg = load_generator(cfg.run_dir, "diffusion", d.device)
@@ -97,7 +107,14 @@ def main(argv=None):
         g.set_state(ckpt["rng"])
         start = ckpt["step"]
 
-    prompts = [p["prompt"] for p in tuning_prompts()]
+    neutral = [p["prompt"] for p in tuning_prompts()]
+    named = {sex: [p["prompt"] for p in prompts] for sex, prompts in named_sex_tuning_prompts().items()}
+    named_share = a.named_sex if classes == ["male", "female"] else 0.0  # only a sex classifier reads named sex
+    real_toward = None
+    if a.cap == "match" and a.loss == "dal" and classes == ["male", "female"]:
+        real, attributes = reference_images(base_cfg.data)
+        is_female = torch.tensor([x["sex"] == "female" for x in attributes])
+        real_toward = fairness.real_confidence(classifier, real, is_female)
     size, prediction = base_cfg.data.image_size, base_cfg.diffusion.prediction
     log_snrs = diffusion.sampling_log_snrs(a.ddim_steps, base_cfg.diffusion.schedule, d.device)
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"))
@@ -107,13 +124,17 @@ def main(argv=None):
     running = None
     bar = tqdm(range(start, a.steps), initial=start, total=a.steps, desc="align")
     for step in bar:
-        ids = torch.randint(len(prompts), (a.batch,), generator=g)
-        states, mask, pooled = encoder.encode([prompts[i] for i in ids])
+        captions, groups, prompt_shares = fairness.prompt_batch(neutral, named, a.batch // a.per_prompt, a.per_prompt,
+                                                                named_share, shares[1], g)
+        if not a.per_prompt_ot:  # the ablation: one assignment over the whole batch, to the batch's mean share
+            groups, prompt_shares = torch.zeros_like(groups), prompt_shares.mean().reshape(1)
+        states, mask, pooled = encoder.encode(captions)
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
         grad_steps = fairness.random_grad_steps(a.ddim_steps, a.grad_steps, g)
         x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
                                                    prediction, checkpoint=a.checkpoint, grad_steps=grad_steps)
-        align, fractions = alignment_loss(cfg, classifier, x_student, shares)
+        align, fractions, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
+                                                 shares, real_toward)
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
             x_teacher = fairness.sample_ddim_teacher(teacher, noise, log_snrs, states, mask, pooled,
@@ -130,7 +151,7 @@ def main(argv=None):
         bar.set_postfix(align=f"{align.item():.3f}", clip=f"{clip.item():.3f}",
                         **{c.replace(" ", "_"): f"{share:.2f}" for c, share in zip(classes, running.tolist())})
         log(task="align", step=step + 1, align_loss=align, clip_loss=clip,
-            class_fractions=dict(zip(classes, fractions.tolist())),
+            class_fractions=dict(zip(classes, fractions.tolist())), **stats,
             running_class_fractions=dict(zip(classes, running.tolist())))
 
     merged = merge_lora(copy.deepcopy(ema.module))

@@ -5,11 +5,14 @@ side. Each class is the average normalised text embedding of many captions that 
 vary everything else (Radford et al. 2021, sec. 3.1.4, prompt ensembling); the captions come from the
 corpus grammar with sex and age never mentioned.
 
-`fairness_report` (`python -m minimedi.evaluate --run DIR`): images for the held-out prompts from the base
-model and the aligned one, with the same noise, judged by three networks that play different roles: the
+`fairness_report` (`python -m minimedi.evaluate --run DIR`): images from the base model and the aligned one,
+with the same noise, for three prompt sets tuning never saw (`report_prompts`): the 64 held-out prompts,
+prompts that name sex, and unseen kinds of prompts. Three networks with different roles judge them: the
 tuning classifier (`classifier.pt`, what alignment optimised), an independent check classifier (other
 architecture and seed, never seen by tuning), and the attribute probe (`minimedi.probe`, trained on real
-pretraining-like slices), whose features are the space of the domain FID. `minimedi.report` writes it up.
+pretraining-like slices), whose features are the space of the domain FID. Real target images that no
+classifier trained on give each classifier's error rates, by which `minimedi.audit` corrects every share,
+and the real head sizes the generated anatomy is held against. `minimedi.report` writes it up.
 """
 import dataclasses
 import os
@@ -24,14 +27,18 @@ from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
 from minimedi.clip import preprocess
 from minimedi.config import parse_config
-from minimedi.data.captions import LOBES, MODALITIES, SIDES, SIZES, caption, evaluation_prompts
+from minimedi.audit import Readings, Reference, audit
+from minimedi.data.captions import LOBES, MODALITIES, SIDES, SIZES, caption, evaluation_prompts, \
+    named_sex_evaluation_prompts, unseen_prompts
 from minimedi.data.load import load_pretraining_data, load_target_data
-from minimedi.data.phantom import PhantomCorpus
+from minimedi.data.reference import reference_images
 from minimedi.errors import UserError, run_main
 from minimedi.metrics import clip_score, fid, nearest_neighbour_distance
+from minimedi.morphometry import anatomy, head_size
 from minimedi.pipeline import load_generator
 from minimedi.probe import load_or_train_probe, predictions_from_features, probe_features, readback
 from minimedi.report import write_report
+from minimedi.shares import error_rates
 from minimedi.tokenizer import Tokenizer
 from minimedi.training import resolve_device
 
@@ -101,20 +108,19 @@ def load_check_classifier(cfg, data_cfg, device):
     return load_classifier(path, device)
 
 
-def reference_images(cfg, n=1280):
-    """(images, sex labels [N], captions) of real target images: a fresh phantom target corpus (another seed
-    than the one the classifiers learned from), or the `--target` data itself."""
-    if cfg.data.target == "phantom":
-        corpus = PhantomCorpus(n, cfg.data.image_size, cfg.data.target_corpus_female, cfg.data.seed + 1, "target")
-        attributes = [corpus.attributes(i) for i in range(n)]
-        return corpus.images(), subgroup_labels(attributes, "sex"), [a["caption"] for a in attributes]
-    images, captions, attributes = load_target_data(cfg.data)
-    return images.float()[:n], subgroup_labels(attributes[:n], "sex"), list(captions[:n])
+def report_prompts(n_heldout, n_extra):
+    """(prompt dicts, images per prompt) of every set the report generates: the 64 held-out prompts
+    ("heldout", kind "neutral"), the named-sex prompts ("named", kind = the sex) and the unseen prompts
+    ("unseen", kind "normal" / "age" / "template")."""
+    prompts = [{**p, "set": "heldout", "kind": "neutral"} for p in evaluation_prompts()]
+    counts = [n_heldout] * len(prompts)
+    extra = [{**p, "set": "named", "kind": sex} for sex, ps in named_sex_evaluation_prompts().items() for p in ps]
+    extra += [{**p, "set": "unseen", "kind": kind} for kind, ps in unseen_prompts().items() for p in ps]
+    return prompts + extra, counts + [n_extra] * len(extra)
 
 
-def generate(unet, encoder, cfg, prompts, n_per_prompt, steps, guidance, seed, device):
-    """n_per_prompt images for each prompt, DDIM, the same noise for the same seed."""
-    texts = [p for p in prompts for _ in range(n_per_prompt)]
+def generate(unet, encoder, cfg, texts, steps, guidance, seed, device):
+    """One image per caption in `texts`, DDIM, the same noise for the same seed."""
     images = []
     g = torch.Generator(device).manual_seed(seed)
     for chunk in [texts[i:i + 128] for i in range(0, len(texts), 128)]:
@@ -143,31 +149,38 @@ def subgroup_fid(features, is_female, reference_features, reference_female):
     return out
 
 
-def judge(images, texts, prompted, judges):
-    """Everything the report says about one set of generated images (see `fairness_report`)."""
-    p = p_female(judges["classifier"], images)
+def judge(images, texts, prompted, p, p_check, judges):
+    """Quality and the raw readings of the held-out images; p, p_check: the two classifiers' p(female)."""
     features = probe_features(judges["probe"], images)
     fidelity = readback(predictions_from_features(judges["probe"], features), prompted)
     distance, _ = nearest_neighbour_distance(images, judges["training"])
-    out = {"female_fraction": float((p > 0.5).float().mean()), "mean_p_female": float(p.mean()),
-           "female_fraction_check": float((p_female(judges["check"], images) > 0.5).float().mean()),
-           "female_fraction_probe": fidelity.pop("female_fraction"), **fidelity,
-           "domain_fid": fid(features, judges["reference_features"]),
-           **subgroup_fid(features, p > 0.5, judges["reference_features"], judges["reference_labels"] == 1),
-           "clip_score": clip_score(judges["clip"], images, judges["tokenizer"](texts, truncate=True))[0],
-           "nn_distance": float(distance.mean())}
-    return out
+    return {"female_fraction": float((p > 0.5).float().mean()), "mean_p_female": float(p.mean()),
+            "female_fraction_check": float((p_check > 0.5).float().mean()),
+            "female_fraction_probe": fidelity.pop("female_fraction"), **fidelity,
+            "domain_fid": fid(features, judges["reference_features"]),
+            **subgroup_fid(features, p > 0.5, judges["reference_features"], judges["reference_labels"]),
+            "clip_score": clip_score(judges["clip"], images, judges["tokenizer"](texts, truncate=True))[0],
+            "nn_distance": float(distance.mean())}
+
+
+def strata_of(attributes):
+    """The strata the classifier's error rates are estimated in: the MR sequences where the images carry
+    one (the phantom), else one stratum."""
+    return MODALITIES if all("modality" in a for a in attributes) else ("all",)
 
 
 def fairness_report(cfg, device):
-    """(report dict, {model: images}) for the base model and, when <run>/aligned.pt exists, the aligned one:
-    M = eval_n images for each of the 64 held-out prompts, the same noise for both models.
+    """(report dict, {model: held-out images}) for the base model and, when <run>/aligned.pt exists, the
+    aligned one, from the same noise: the 64 held-out prompts x eval_n images, the named-sex and the unseen
+    prompts x eval_extra_n.
 
-    Per model: the female fraction read by the tuning classifier (p > 0.5) and by the independent check
-    classifier; text fidelity (modality, side, lobe) read by the attribute probe; domain FID in the probe's
-    feature space against real target images, and per subgroup; CLIP score; the mean RMS distance to the
-    nearest training image. The same numbers for as many real target images (not in the FID reference set)
-    are the floor row: what a perfect model would score at this sample size."""
+    Per model: the raw female share read by the tuning and the independent check classifier; everything
+    `minimedi.audit` says (corrected shares with intervals, per group, named sex, unseen prompts, anatomy);
+    text fidelity (modality, side, lobe) read by the attribute probe; domain FID in the probe's feature
+    space against real target images, and per subgroup; CLIP score; the mean RMS distance to the nearest
+    training image. Real target images that no classifier trained on (`reference_images`) give the
+    classifiers' error rates, the real head sizes and, for as many images as each model's held-out set,
+    the floor row: what a perfect model would score at this sample size."""
     run = cfg.run_dir
     if not os.path.exists(os.path.join(run, "classifier.pt")):
         raise UserError(f"no sex classifier at {run}/classifier.pt: run `python train.py --task classifier` "
@@ -181,47 +194,66 @@ def fairness_report(cfg, device):
     models = ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
     generators = {which: load_generator(run, which, device) for which in models}
     base_cfg = generators["diffusion"][2]
-    prompts = evaluation_prompts()
-    texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.n)]
-    prompted = [p for p in prompts for _ in range(cfg.eval.n)]
-    real, real_labels, captions = reference_images(base_cfg)
-    # Real images outside the reference set, as many as each model generates: their FID is the floor that
-    # sampling noise alone puts under any model's FID at this sample size.
-    m = min(len(texts), len(real) // 2)
-    reference, labels = real[m:], real_labels[m:]
+    prompts, counts = report_prompts(cfg.eval.n, cfg.eval.extra_n)
+    prompt_of = np.repeat(np.arange(len(prompts)), counts)
+    texts = [prompts[i]["prompt"] for i in prompt_of]
+    heldout = torch.tensor([prompts[i]["set"] == "heldout" for i in prompt_of])
+    real, attributes = reference_images(base_cfg.data)
+    real_female = torch.tensor([a["sex"] == "female" for a in attributes])
+    strata = strata_of(attributes)
+    real_stratum = np.array([strata.index(a["modality"]) if len(strata) > 1 else 0 for a in attributes])
+    stratum = np.array([strata.index(prompts[i]["modality"]) if len(strata) > 1 else 0 for i in prompt_of])
     check, check_ckpt = load_check_classifier(cfg, base_cfg.data, device)
+    readers = {"tuning": classifier, "check": check}
+    rates = {r: error_rates((p_female(c, real) > 0.5).numpy(), real_female.numpy(), real_stratum, strata)
+             for r, c in readers.items()}
+    real_head = head_size(real).numpy()
+    reference = Reference(rates, real_female.numpy(), real_head)
+    # Real images outside the FID reference set, as many as each model's held-out images: their FID is the
+    # floor that sampling noise alone puts under any model's FID at this sample size.
+    m = min(int(heldout.sum()), len(real) // 2)
     probe = load_or_train_probe(run, base_cfg.data.image_size, device, cfg.eval.probe_steps)
-    judges = {"classifier": classifier, "check": check, "probe": probe, "tokenizer": Tokenizer(),
-              "training": load_pretraining_data(base_cfg.data)[0], "reference_labels": labels,
-              "reference_features": probe_features(probe, reference)}
-    report = {"target_female": target, "images_per_model": len(texts), "steps": cfg.eval.steps,
-              "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "models": {},
+    judges = {"probe": probe, "tokenizer": Tokenizer(), "training": load_pretraining_data(base_cfg.data)[0],
+              "reference_labels": real_female[m:], "reference_features": probe_features(probe, real[m:])}
+    report = {"target_female": target, "images_per_model": int(heldout.sum()), "steps": cfg.eval.steps,
+              "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "bootstrap": cfg.eval.bootstrap,
+              "images": {s: int(sum(c for p, c in zip(prompts, counts) if p["set"] == s))
+                         for s in ("heldout", "named", "unseen")},
+              "error_rates": {r: rates[r].as_dict() for r in readers}, "models": {},
               "classifier_heldout_accuracy": ckpt["metrics"]["accuracy"],
               "check_classifier_heldout_accuracy": check_ckpt["metrics"]["accuracy"]}
-    images = {}
+    held_out_images = {}
     for which in models:
         unet, encoder, model_cfg = generators[which]
         if cfg.run.compile:
             unet.compile()
         judges["clip"] = encoder.clip
         start = time.time()
-        images[which] = generate(unet, encoder, model_cfg, [p["prompt"] for p in prompts], cfg.eval.n,
-                                 cfg.eval.steps, cfg.sample.guidance, cfg.run.seed, device)
+        images = generate(unet, encoder, model_cfg, texts, cfg.eval.steps, cfg.sample.guidance, cfg.run.seed, device)
         seconds = time.time() - start
-        report["models"][which] = {**judge(images[which], texts, prompted, judges),
-                                   "seconds_per_image": seconds / len(texts)}
-        report["models"][which]["female_gap"] = abs(report["models"][which]["female_fraction"] - target)
-    floor, floor_female = real[:m], real_labels[:m] == 1
+        p = {r: p_female(c, images) for r, c in readers.items()}
+        readings = Readings(prompts, prompt_of, stratum, {r: (v > 0.5).numpy() for r, v in p.items()},
+                            head_size(images).numpy())
+        held_out_images[which] = images[heldout]
+        report["models"][which] = {
+            **judge(images[heldout], [t for t, h in zip(texts, heldout) if h],
+                    [prompts[i] for i in prompt_of[heldout.numpy()]], p["tuning"][heldout], p["check"][heldout],
+                    judges),
+            **audit(readings, reference, target, cfg.eval.bootstrap, cfg.run.seed),
+            "seconds_per_image": seconds / len(texts)}
+    floor, floor_female = real[:m], real_female[:m]
     floor_features = probe_features(probe, floor)
     report["real_target"] = {"true_female_fraction": float(floor_female.float().mean()),
                              "female_fraction": float((p_female(classifier, floor) > 0.5).float().mean()),
                              "female_fraction_check": float((p_female(check, floor) > 0.5).float().mean()),
                              "domain_fid": fid(floor_features, judges["reference_features"]),
-                             **subgroup_fid(floor_features, floor_female, judges["reference_features"], labels == 1),
+                             **subgroup_fid(floor_features, floor_female, judges["reference_features"],
+                                            real_female[m:]),
                              "clip_score": clip_score(judges["clip"], floor, judges["tokenizer"](
-                                 captions[:m], truncate=True))[0],
-                             "nn_distance": float(nearest_neighbour_distance(floor, judges["training"])[0].mean())}
-    return report, images
+                                 [a["caption"] for a in attributes[:m]], truncate=True))[0],
+                             "nn_distance": float(nearest_neighbour_distance(floor, judges["training"])[0].mean()),
+                             "anatomy": {"neutral": anatomy(real_head[:m], real_head[m:])}}
+    return report, held_out_images
 
 
 def main(argv=None):

@@ -63,6 +63,17 @@ def test_report_cli_on_a_tiny_run(tmp_path):
         assert 0 <= base[key] <= 1, key
     assert base["domain_fid"] > 0 and base["nn_distance"] > 0 and 0 <= base["clip_score"] <= 100
     assert report["checks"] == []  # nothing to check without an aligned model
+    assert report["images"] == {"heldout": 64, "named": 64, "unseen": 96}  # tiny: 1 image per prompt
+    for key in ("per_group", "worst_group_gap", "named_sex_accuracy", "unseen", "anatomy",
+                "female_fraction_corrected", "female_fraction_ci", "mean_prompt_gap"):
+        assert key in base, key
+    assert set(base["per_group"]) == {"modality", "side", "lobe", "size", "prompt"} and len(base["per_group"]["prompt"]) == 64
+    assert [base["per_group"]["modality"][m]["n"] for m in ("t1", "t1ce", "t2", "flair")] == [16] * 4
+    assert set(base["named_sex_accuracy"]) == {"female", "male"} and set(base["unseen"]) == {"normal", "age", "template", "all"}
+    assert {name: a["n"] for name, a in base["anatomy"].items()} == {"neutral": 64, "female": 32, "male": 32}
+    assert all(0 <= a["ks"] <= 1 and 0 <= a["outside"] <= 1 for a in base["anatomy"].values())
+    rates = report["error_rates"]["tuning"]
+    assert list(rates) == ["t1", "t1ce", "t2", "flair"] and sum(r["n_female"] + r["n_male"] for r in rates.values()) == 4000
     for name in ("probe.pt", "sex_check.pt", "report.md", "fairness.png"):
         assert (tmp_path / name).exists(), name
     assert "| domain FID vs real target (probe features) |" in (tmp_path / "report.md").read_text()
