@@ -164,9 +164,9 @@ def judge(images, texts, prompted, p, p_check, judges):
 
 
 def strata_of(attributes):
-    """The strata the classifier's error rates are estimated in: the MR sequences where the images carry
-    one (the phantom), else one stratum."""
-    return MODALITIES if all("modality" in a for a in attributes) else ("all",)
+    """The strata the classifier's error rates are estimated in: the MR sequences when the real images
+    cover all four (the phantom), else one stratum (e.g. BraTS slices of one sequence)."""
+    return MODALITIES if {a.get("modality") for a in attributes} == set(MODALITIES) else ("all",)
 
 
 def fairness_report(cfg, device):
