@@ -77,6 +77,7 @@ def test_every_invalid_numeric_value_is_one_line_and_exit_2(script, flag, value,
     ("train.py", ["--image-size", "18", "--dim-mults", "1", "2", "4"], "cannot be halved"),
     ("train.py", ["--image-size", "20"], "--clip-patch 8 does not divide the image size 20"),
     ("train.py", ["--clip-width", "100", "--clip-head-dim", "32"], "does not split into 3 heads"),
+    ("align.py", ["--align-batch", "6", "--align-per-prompt", "4"], "not a multiple of --align-per-prompt 4"),
     ("sample.py", ["--model", "/no/such/folder"], "not diffusion, aligned or an exported model folder"),
     ("export", ["--model", "aligned"], "give --out"),
 ])
