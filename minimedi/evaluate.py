@@ -59,7 +59,7 @@ def load_check_classifier(cfg, target_cfg, heldout, device):
         torch.manual_seed(cfg.run.seed + 1)
         model, metrics = train_classifier(corpus.images.float(), subgroup_labels(corpus.attributes, "sex"), c,
                                           device, generator=torch.Generator().manual_seed(cfg.run.seed + 1),
-                                          groups=corpus.groups, heldout=heldout)
+                                          groups=corpus.groups, heldout=heldout or None)
         save_checkpoint(path, {"model": model.state_dict(), "config": {"classifier": dataclasses.asdict(c)},
                                "classes": ["male", "female"], "metrics": metrics, "data": corpus.provenance,
                                "split": {"heldout_groups": metrics["heldout_groups"]}})
