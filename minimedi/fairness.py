@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from minimedi.clip import preprocess
 from minimedi.diffusion import alpha_sigma, ddim_coefficients, ddim_step, make_denoiser, sample_ddim, \
     x0_eps_from_pred
+from minimedi.grad import ScaleGrad
 
 
 # ---- one binary attribute: closed-form OT and its uncertainty -----------------------------------------
@@ -303,19 +304,6 @@ def chain_factors(log_snrs, prediction):
         factors.append(b * later)
         later = later * d
     return torch.stack(factors[::-1])
-
-
-class ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by a constant on the way back."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
 
 
 def guided_unet(unet, x, log_snr, tokens2, mask2, pooled2, drop, guidance):
