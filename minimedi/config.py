@@ -183,6 +183,14 @@ class AlignConfig:
     loss: str = opt("dal", "alignment loss", flag="--align-loss", choices=("dal", "kl"))
     steps: int = opt(150, "alignment tuning steps", flag="--align-steps", ge=1)
     batch: int = opt(24, "images generated per step", flag="--align-batch", ge=2)
+    per_prompt: int = opt(12, "images per prompt: a step is batch / per_prompt prompts, each drawn this many times",
+                          flag="--align-per-prompt", ge=1)
+    per_prompt_ot: bool = opt(True, "assign targets within each prompt's images (--no-per-prompt-ot: one "
+                                    "assignment over the whole batch, the ablation)")
+    named_sex: float = opt(0.25, "share of tuning prompts that name sex, with that sex as their target "
+                                 "(0 = none, the ablation)", ge=0, le=1)
+    cap: str = opt("match", "stop pushing an image once the classifier is as sure of it as of its matched real "
+                            "target image (match), or never (none)", flag="--align-cap", choices=("match", "none"))
     lr: float = opt(1e-3, "alignment learning rate", flag="--align-lr", gt=0)
     ddim_steps: int = opt(10, "DDIM steps in the differentiable sampler", flag="--align-ddim-steps", ge=1)
     grad_steps: int = opt(3, "of those, how many (a random subset per step) carry gradient; 0 = all",
@@ -223,9 +231,13 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    n: int = opt(4, "evaluation: images per held-out prompt (64 prompts)", flag="--eval-n", ge=1)
-    steps: int = opt(50, "evaluation: DDIM steps", flag="--eval-steps", ge=1)
+    n: int = opt(6, "evaluation: images per held-out prompt (64 prompts)", flag="--eval-n", ge=1)
+    extra_n: int = opt(2, "evaluation: images per named-sex prompt (2 x 32) and per unseen prompt (3 x 32)",
+                       flag="--eval-extra-n", ge=1)
+    steps: int = opt(25, "evaluation: DDIM steps", flag="--eval-steps", ge=1)
     probe_steps: int = opt(800, "evaluation: training steps of the attribute probe", ge=1)
+    bootstrap: int = opt(1000, "evaluation: bootstrap replicates of every interval", flag="--eval-bootstrap",
+                         ge=100)
 
 
 @dataclass
@@ -265,10 +277,11 @@ PRESETS = {
         "sr": {"size": 32, "crop": 16, "n": 128, "dim": 8, "dim_mults": (2, 4), "num_res_blocks": (1, 1),
                "attn_resolutions": (8,), "head_dim": 16, "groups": 4, "steps": 20, "batch": 8},
         "classifier": {"width": 8, "steps": 20, "batch": 32},
-        "align": {"steps": 4, "batch": 4, "ddim_steps": 4, "grad_steps": 2, "lora_rank": 2, "report": False},
+        "align": {"steps": 4, "batch": 4, "per_prompt": 2, "ddim_steps": 4, "grad_steps": 2, "lora_rank": 2,
+                  "report": False},
         "sample": {"n": 2, "steps": 4, "sr_steps": 4},
         "sr_eval": {"n": 8, "steps": 2, "features": 40, "feature_steps": 10, "feature_width": 4},
-        "eval": {"n": 1, "steps": 2, "probe_steps": 10},
+        "eval": {"n": 1, "extra_n": 1, "steps": 2, "probe_steps": 10, "bootstrap": 100},
     },
     # The embedded phantom corpus at 32x32, sized for a 2-core CPU: the field defaults.
     "default": {},

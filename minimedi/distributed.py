@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from minimedi.errors import UserError
+from minimedi.grad import ScaleGrad
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 # Rank 0 may make a prerequisite on its own (the subgroup classifier) while the others wait at a barrier:
@@ -102,17 +103,6 @@ def shard(batch, d):
     return batch[d.rank * per:(d.rank + 1) * per]
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
 def gather_with_local_grad(x, d):
     """The global batch [world * n, ...] from every rank's local x [n, ...], in rank order, identical on
     every rank; only this rank's own slice carries gradient.
@@ -127,5 +117,5 @@ def gather_with_local_grad(x, d):
         return x
     parts = [torch.empty_like(x) for _ in range(d.world)]
     dist.all_gather(parts, x.detach().contiguous())
-    parts[d.rank] = _ScaleGrad.apply(x, float(d.world))
+    parts[d.rank] = ScaleGrad.apply(x, float(d.world))
     return torch.cat(parts)

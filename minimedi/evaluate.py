@@ -1,15 +1,22 @@
-"""Evaluation: what a trained model can be shown to know, and the before/after fairness report.
+"""The before/after fairness report: `python -m minimedi.evaluate --run DIR` (align.py writes it when done).
 
-`zero_shot_accuracy`: CLIP zero-shot classification of held-out phantom images by modality and by tumour
-side. Each class is the average normalised text embedding of many captions that state the class and
-vary everything else (Radford et al. 2021, sec. 3.1.4, prompt ensembling); the captions come from the
-corpus grammar with sex and age never mentioned.
+`fairness_report` draws images from the base model and the aligned one, with the same noise, for three
+prompt sets tuning never saw (`report_prompts`): the 64 held-out prompts, prompts that name sex, and unseen
+kinds of prompts. Networks with different roles judge them:
 
-`fairness_report` (`python -m minimedi.evaluate --run DIR`): images for the held-out prompts from the base
-model and the aligned one, with the same noise, judged by three networks that play different roles: the
-tuning classifier (`classifier.pt`, what alignment optimised), an independent check classifier (other
-architecture and seed, never seen by tuning), and the attribute probe (`minimedi.probe`, trained on real
-pretraining-like slices), whose features are the space of the domain FID. `minimedi.report` writes it up.
+- the tuning classifier (`classifier.pt`, what alignment optimised);
+- an independent check classifier (`sex_check.pt`: the other architecture and another seed, trained on the
+  same target subjects and never seen by tuning): if alignment only fooled the tuning classifier, the
+  check would not see the change;
+- a feature network, the space of the FIDs. On the phantom it is the attribute probe (`minimedi.probe`,
+  trained on real phantom slices), which also reads modality, side and lobe for text fidelity. On real
+  data it is the check classifier, a network trained on the target images themselves: a probe trained on
+  the phantom has no meaning for real slices, so its rows are left out of the report, with a note.
+
+Real target images that no classifier trained on (`minimedi.data.reference`: a fresh phantom corpus, or
+the held-out BraTS subjects) give each classifier's error rates, by which `minimedi.audit` corrects every
+share, the head areas the generated anatomy is held against, and the FID reference. `minimedi.report`
+writes it all up.
 """
 import dataclasses
 import os
@@ -17,203 +24,202 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from minimedi.audit import Readings, Reference, audit
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
-from minimedi.clip import preprocess
 from minimedi.config import config_from_dict, parse_config
-from minimedi.data.captions import LOBES, MODALITIES, SIDES, SIZES, caption, evaluation_prompts
-from minimedi.data.load import load_pretraining_data, load_target_data
-from minimedi.data.phantom import PhantomCorpus
+from minimedi.data.captions import MODALITIES, evaluation_prompts, named_sex_evaluation_prompts, unseen_prompts
+from minimedi.data.load import load_pretraining_corpus, load_target_corpus
+from minimedi.data.reference import reference_corpus
 from minimedi.distributed import resolve_device
 from minimedi.errors import UserError, run_main
 from minimedi.metrics import clip_score, fid, nearest_neighbour_distance
+from minimedi.morphometry import anatomy, head_area
 from minimedi.pipeline import load_generator
 from minimedi.probe import load_or_train_probe, predictions_from_features, probe_features, readback
 from minimedi.report import write_report
+from minimedi.shares import error_rates
 from minimedi.tokenizer import Tokenizer
 
-
-def class_prompts(per_class=64, seed=0):
-    """{attribute: {class: [prompts]}}: `per_class` grammar captions per class, other attributes random."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-
-    def random_attributes(tumor=None):
-        tumor = bool(rng.random() < 0.5) if tumor is None else tumor
-        a = {"modality": str(rng.choice(MODALITIES)), "tumor": tumor}
-        if tumor:
-            a.update(side=str(rng.choice(SIDES)), lobe=str(rng.choice(LOBES)), tumor_size=str(rng.choice(SIZES)))
-        return a
-
-    def prompts(fixed, tumor=None):
-        return [caption({**random_attributes(tumor), **fixed}, rng, p_sex=0.0, p_age=0.0) for _ in range(per_class)]
-
-    return {"modality": {m: prompts({"modality": m}) for m in MODALITIES},
-            "side": {s: prompts({"side": s}, tumor=True) for s in SIDES}}
+SECTIONS = ("run", "sample", "eval", "classifier")
+PHANTOM_ONLY = {row: "read by a network trained on phantom slices: no meaning for real images"
+                for row in ("modality", "side", "lobe", "female_fraction_probe")}
 
 
-@torch.no_grad()
-def class_embeddings(clip, tokenizer, prompts_by_class):
-    device = next(clip.parameters()).device
-    rows = []
-    for prompts in prompts_by_class.values():
-        e = F.normalize(clip.encode_text(tokenizer(prompts, truncate=True).to(device)), dim=-1)
-        rows.append(F.normalize(e.mean(0), dim=-1))
-    return torch.stack(rows)
-
-
-@torch.no_grad()
-def zero_shot_accuracy(clip, tokenizer, images, attributes, batch_size=256):
-    """{"modality": acc, "side": acc} on images [N, 1, H, W] in [-1, 1] with their attribute dicts;
-    side is scored on the images that have a tumour."""
-    device = next(clip.parameters()).device
-    feats = torch.cat([F.normalize(clip.encode_image(preprocess(x.to(device).float(),
-                                                                 clip.config.image_resolution)), dim=-1)
-                       for x in images.split(batch_size)])
-    accuracy = {}
-    for attribute, prompts in class_prompts().items():
-        names = list(prompts)
-        keep = torch.tensor([a[attribute] in names for a in attributes])
-        truth = torch.tensor([names.index(a[attribute]) for a in attributes if a[attribute] in names])
-        pred = (feats[keep.to(device)] @ class_embeddings(clip, tokenizer, prompts).T).argmax(-1).cpu()
-        accuracy[attribute] = (pred == truth).float().mean().item()
-    return accuracy
-
-
-# ---- the fairness report: base model against aligned model ---------------------------------------------
-
-def load_check_classifier(cfg, data_cfg, device):
+def load_check_classifier(cfg, target_cfg, heldout, device):
     """The independent sex classifier of a run: the other architecture (vgg) and another seed, trained on
-    the same target images, never used in tuning. If the aligned model only fooled the tuning classifier,
-    this one would not see the change. Cached as <run>/sex_check.pt."""
+    the target corpus the tuning classifier learned from, holding out the same subjects. Cached as
+    <run>/sex_check.pt, with the data and split it learned from."""
     path = os.path.join(cfg.run_dir, "sex_check.pt")
     if not os.path.exists(path):
         print(f"training the independent sex classifier (vgg, seed {cfg.run.seed + 1}) -> {path}")
         c = dataclasses.replace(cfg.classifier, subgroup="sex", arch="vgg")
-        images, _, attributes = load_target_data(data_cfg)
+        corpus = load_target_corpus(target_cfg)
         torch.manual_seed(cfg.run.seed + 1)
-        model, metrics = train_classifier(images.float(), subgroup_labels(attributes, "sex"), c, device,
-                                          generator=torch.Generator().manual_seed(cfg.run.seed + 1))
+        model, metrics = train_classifier(corpus.images.float(), subgroup_labels(corpus.attributes, "sex"), c,
+                                          device, generator=torch.Generator().manual_seed(cfg.run.seed + 1),
+                                          groups=corpus.groups, heldout=heldout or None)
         save_checkpoint(path, {"model": model.state_dict(), "config": {"classifier": dataclasses.asdict(c)},
-                               "classes": ["male", "female"], "metrics": metrics})
+                               "classes": ["male", "female"], "metrics": metrics, "data": corpus.provenance,
+                               "split": {"heldout_groups": metrics["heldout_groups"]}})
     return load_classifier(path, device)
 
 
-def reference_images(cfg, n=1280):
-    """(images, sex labels [N], captions) of real target images: a fresh phantom target corpus (another seed
-    than the one the classifiers learned from), or the `--target` data itself."""
-    if cfg.data.target == "phantom":
-        corpus = PhantomCorpus(n, cfg.data.image_size, cfg.data.target_corpus_female, cfg.data.seed + 1, "target")
-        attributes = [corpus.attributes(i) for i in range(n)]
-        return corpus.images(), subgroup_labels(attributes, "sex"), [a["caption"] for a in attributes]
-    images, captions, attributes = load_target_data(cfg.data)
-    return images.float()[:n], subgroup_labels(attributes[:n], "sex"), list(captions[:n])
+def report_prompts(n_heldout, n_extra):
+    """(prompt dicts, images per prompt) of every set the report generates: the 64 held-out prompts
+    ("heldout", kind "neutral"), the named-sex prompts ("named", kind = the sex) and the unseen prompts
+    ("unseen", kind "normal" / "age" / "template")."""
+    prompts = [{**p, "set": "heldout", "kind": "neutral"} for p in evaluation_prompts()]
+    counts = [n_heldout] * len(prompts)
+    extra = [{**p, "set": "named", "kind": sex} for sex, ps in named_sex_evaluation_prompts().items() for p in ps]
+    extra += [{**p, "set": "unseen", "kind": kind} for kind, ps in unseen_prompts().items() for p in ps]
+    return prompts + extra, counts + [n_extra] * len(extra)
 
 
 @torch.no_grad()
 def p_female(classifier, images, batch_size=256):
     """Calibrated p(female) [N] (CPU) of a sex classifier."""
     device = next(classifier.parameters()).device
-    return torch.cat([classifier.predict_proba(x.to(device))[:, 1].cpu() for x in images.split(batch_size)])
+    return torch.cat([classifier.predict_proba(x.to(device).float())[:, 1].cpu() for x in images.split(batch_size)])
 
 
 def subgroup_fid(features, is_female, reference_features, reference_female):
     """FID of each sex's images (as the tuning classifier reads them) against that sex's real images."""
     out = {}
     for name, mine, theirs in (("female", is_female, reference_female), ("male", ~is_female, ~reference_female)):
-        out[f"fid_{name}"] = fid(features[mine], reference_features[theirs]) if mine.sum() >= 2 else None
+        enough = mine.sum() >= 2 and theirs.sum() >= 2
+        out[f"fid_{name}"] = fid(features[mine], reference_features[theirs]) if enough else None
     return out
 
 
-def judge(images, texts, prompted, judges):
-    """Everything the report says about one set of generated images (see `fairness_report`)."""
-    p = p_female(judges["classifier"], images)
-    features = probe_features(judges["probe"], images)
-    fidelity = readback(predictions_from_features(judges["probe"], features), prompted)
-    distance, _ = nearest_neighbour_distance(images, judges["training"])
+def judge(images, texts, prompted, p, p_check, judges):
+    """Quality and the raw readings of the held-out images; p, p_check: the two classifiers' p(female)."""
+    features = probe_features(judges["features"], images)
     out = {"female_fraction": float((p > 0.5).float().mean()), "mean_p_female": float(p.mean()),
-           "female_fraction_check": float((p_female(judges["check"], images) > 0.5).float().mean()),
-           "female_fraction_probe": fidelity.pop("female_fraction"), **fidelity,
+           "female_fraction_check": float((p_check > 0.5).float().mean()),
            "domain_fid": fid(features, judges["reference_features"]),
-           **subgroup_fid(features, p > 0.5, judges["reference_features"], judges["reference_labels"] == 1),
+           **subgroup_fid(features, p > 0.5, judges["reference_features"], judges["reference_female"]),
            "clip_score": clip_score(judges["clip"], images, judges["tokenizer"](texts, truncate=True))[0],
-           "nn_distance": float(distance.mean())}
+           "nn_distance": float(nearest_neighbour_distance(images, judges["training"])[0].mean())}
+    if judges["phantom"]:  # text fidelity: the probe reads what the image shows
+        fidelity = readback(predictions_from_features(judges["features"], features), prompted)
+        out.update(female_fraction_probe=fidelity.pop("female_fraction"), **fidelity)
     return out
+
+
+def strata_of(attributes):
+    """The strata the classifiers' error rates are estimated in: the MR sequences when the real images
+    cover all four, else one stratum (e.g. BraTS slices of one sequence)."""
+    return MODALITIES if {a.get("modality") for a in attributes} == set(MODALITIES) else ("all",)
+
+
+def run_models(run):
+    """The recorded configs and model names of a run: (target DataConfig from classifier.pt, pretraining
+    DataConfig from diffusion.pt, ["diffusion"] + ["aligned"] when aligned.pt exists)."""
+    for name, make in (("classifier.pt", "python train.py --task classifier"), ("diffusion.pt", "python train.py")):
+        if not os.path.exists(os.path.join(run, name)):
+            raise UserError(f"no {run}/{name}: run `{make} --run {run}` (or `python align.py`, which makes it) first")
+    target_cfg = config_from_dict(load_checkpoint(os.path.join(run, "classifier.pt"))["config"]).data
+    base_cfg = config_from_dict(load_checkpoint(os.path.join(run, "diffusion.pt"))["config"]).data
+    return target_cfg, base_cfg, ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
 
 
 def fairness_report(cfg, device):
-    """(report dict, {model: images}) for the base model and, when <run>/aligned.pt exists, the aligned one:
-    M = eval_n images for each of the 64 held-out prompts, the same noise for both models.
+    """(report dict, {model: held-out images}) for the base model and, when <run>/aligned.pt exists, the
+    aligned one, from the same noise: the 64 held-out prompts x eval_n images, the named-sex and the unseen
+    prompts x eval_extra_n.
 
-    Per model: the female fraction read by the tuning classifier (p > 0.5) and by the independent check
-    classifier; text fidelity (modality, side, lobe) read by the attribute probe; domain FID in the probe's
-    feature space against real target images, and per subgroup; CLIP score; the mean RMS distance to the
-    nearest training image. The same numbers for as many real target images (not in the FID reference set)
-    are the floor row: what a perfect model would score at this sample size."""
+    Per model: the raw female share read by the tuning and the check classifier; everything `minimedi.audit`
+    says (corrected shares with intervals, per group, named sex, unseen prompts, anatomy); FID in the
+    feature network's space against real target images, and per sex; CLIP score; the mean RMS distance to
+    the nearest pretraining image; on the phantom, text fidelity (modality, side, lobe). Half of the real
+    reference images, as many as each model's held-out set, give the floor row: what a perfect model
+    would score at this sample size."""
     run = cfg.run_dir
-    if not os.path.exists(os.path.join(run, "classifier.pt")):
-        raise UserError(f"no sex classifier at {run}/classifier.pt: run `python train.py --task classifier` "
-                        f"(or `python align.py`, which trains it) first")
+    target_cfg, base_cfg, models = run_models(run)
     classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), device)
     if ckpt["classes"] != ["male", "female"]:
         raise UserError(f"the fairness report reads sex, but {run}/classifier.pt classifies {ckpt['classes']}")
     target = ckpt["target_shares"][1]
-    if os.path.exists(os.path.join(run, "aligned.pt")):  # the share the model was tuned to (--target-female)
+    if "aligned" in models:  # the share the model was tuned to (--target-female)
         target = load_checkpoint(os.path.join(run, "aligned.pt")).get("target_shares", [None, target])[1]
-    models = ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
-    generators = {which: load_generator(which, run, device) for which in models}
-    base_cfg = config_from_dict(load_checkpoint(os.path.join(run, "diffusion.pt"))["config"])
-    prompts = evaluation_prompts()
-    texts = [p["prompt"] for p in prompts for _ in range(cfg.eval.n)]
-    prompted = [p for p in prompts for _ in range(cfg.eval.n)]
-    real, real_labels, captions = reference_images(base_cfg)
-    # Real images outside the reference set, as many as each model generates: their FID is the floor that
-    # sampling noise alone puts under any model's FID at this sample size.
-    m = min(len(texts), len(real) // 2)
-    reference, labels = real[m:], real_labels[m:]
-    check, check_ckpt = load_check_classifier(cfg, base_cfg.data, device)
-    probe = load_or_train_probe(run, base_cfg.data.image_size, device, cfg.eval.probe_steps)
-    judges = {"classifier": classifier, "check": check, "probe": probe, "tokenizer": Tokenizer(),
-              "training": load_pretraining_data(base_cfg.data)[0], "reference_labels": labels,
-              "reference_features": probe_features(probe, reference)}
-    report = {"target_female": target, "images_per_model": len(texts), "steps": cfg.eval.steps,
-              "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "models": {},
+    phantom = target_cfg.target == "phantom"
+    heldout_groups = ckpt["split"]["heldout_groups"]
+    real = reference_corpus(target_cfg, heldout_groups)
+    real_images = real.images.float()
+    real_female = torch.tensor([a["sex"] == "female" for a in real.attributes])
+    strata = strata_of(real.attributes)
+    real_stratum = np.array([strata.index(a["modality"]) if len(strata) > 1 else 0 for a in real.attributes])
+    check, check_ckpt = load_check_classifier(cfg, target_cfg, heldout_groups, device)
+    readers = {"tuning": classifier, "check": check}
+    rates = {r: error_rates((p_female(c, real_images) > 0.5).numpy(), real_female.numpy(), real_stratum, strata)
+             for r, c in readers.items()}
+    real_head = head_area(real_images).numpy()
+    reference = Reference(rates, real_female.numpy(), real_head)
+
+    prompts, counts = report_prompts(cfg.eval.n, cfg.eval.extra_n)
+    prompt_of = np.repeat(np.arange(len(prompts)), counts)
+    texts = [prompts[i]["prompt"] for i in prompt_of]
+    heldout = torch.tensor([prompts[i]["set"] == "heldout" for i in prompt_of])
+    stratum = np.array([strata.index(prompts[i]["modality"]) if len(strata) > 1 else 0 for i in prompt_of])
+    m = min(int(heldout.sum()), len(real_images) // 2)
+    features = load_or_train_probe(run, base_cfg.image_size, device, cfg.eval.probe_steps) if phantom else check
+    judges = {"features": features, "phantom": phantom, "tokenizer": Tokenizer(),
+              "training": load_pretraining_corpus(base_cfg).images, "reference_female": real_female[m:],
+              "reference_features": probe_features(features, real_images[m:])}
+    report = {"target_female": target, "images_per_model": int(heldout.sum()), "steps": cfg.eval.steps,
+              "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "bootstrap": cfg.eval.bootstrap,
+              "images": {s: int(sum(c for p, c in zip(prompts, counts) if p["set"] == s))
+                         for s in ("heldout", "named", "unseen")},
+              "data": {"pretrain": load_checkpoint(os.path.join(run, "diffusion.pt"))["data"], "target": ckpt["data"]},
+              "reference": {"images": len(real_images), "subjects": sorted(set(real.groups)) if not phantom else [],
+                            "source": "a fresh phantom target corpus (seed + 1)" if phantom else
+                            "the subjects the subgroup classifier held out"},
+              "feature_network": "attribute probe (trained on real phantom slices)" if phantom else
+                                 "check classifier (vgg, trained on the target images of the training subjects)",
+              "left_out": {} if phantom else PHANTOM_ONLY,
+              "error_rates": {r: rates[r].as_dict() for r in readers}, "models": {},
               "classifier_heldout_accuracy": ckpt["metrics"]["accuracy"],
               "check_classifier_heldout_accuracy": check_ckpt["metrics"]["accuracy"]}
-    images = {}
+    held_out_images = {}
     for which in models:
-        generator = generators[which]
+        generator = load_generator(which, run, device, truncate=True)
         if cfg.run.compile:
             generator.unet.compile()
         judges["clip"] = generator.encoder.clip
         start = time.time()
-        images[which] = generator(texts, cfg.eval.steps, guidance=cfg.sample.guidance, seed=cfg.run.seed)
+        images = generator(texts, cfg.eval.steps, guidance=cfg.sample.guidance, seed=cfg.run.seed)
         seconds = time.time() - start
-        report["models"][which] = {**judge(images[which], texts, prompted, judges),
-                                   "seconds_per_image": seconds / len(texts)}
-        report["models"][which]["female_gap"] = abs(report["models"][which]["female_fraction"] - target)
-    floor, floor_female = real[:m], real_labels[:m] == 1
-    floor_features = probe_features(probe, floor)
+        p = {r: p_female(c, images) for r, c in readers.items()}
+        readings = Readings(prompts, prompt_of, stratum, {r: (v > 0.5).numpy() for r, v in p.items()},
+                            head_area(images).numpy())
+        held_out_images[which] = images[heldout]
+        report["models"][which] = {
+            **judge(images[heldout], [t for t, h in zip(texts, heldout) if h],
+                    [prompts[i] for i in prompt_of[heldout.numpy()]], p["tuning"][heldout], p["check"][heldout],
+                    judges),
+            **audit(readings, reference, target, cfg.eval.bootstrap, cfg.run.seed),
+            "seconds_per_image": seconds / len(texts)}
+    floor, floor_female = real_images[:m], real_female[:m]
+    floor_features = probe_features(features, floor)
     report["real_target"] = {"true_female_fraction": float(floor_female.float().mean()),
                              "female_fraction": float((p_female(classifier, floor) > 0.5).float().mean()),
                              "female_fraction_check": float((p_female(check, floor) > 0.5).float().mean()),
                              "domain_fid": fid(floor_features, judges["reference_features"]),
-                             **subgroup_fid(floor_features, floor_female, judges["reference_features"], labels == 1),
+                             **subgroup_fid(floor_features, floor_female, judges["reference_features"],
+                                            real_female[m:]),
                              "clip_score": clip_score(judges["clip"], floor, judges["tokenizer"](
-                                 captions[:m], truncate=True))[0],
-                             "nn_distance": float(nearest_neighbour_distance(floor, judges["training"])[0].mean())}
-    return report, images
-
-
-SECTIONS = ("run", "sample", "eval", "classifier")
+                                 real.captions[:m], truncate=True))[0],
+                             "nn_distance": float(nearest_neighbour_distance(floor, judges["training"])[0].mean()),
+                             "anatomy": {"neutral": anatomy(real_head[:m], real_head[m:])}}
+    return report, held_out_images
 
 
 def main(argv=None):
     cfg = parse_config(argv, SECTIONS,
                        description="the before/after fairness report of a run: python -m minimedi.evaluate --run DIR")
-    device = resolve_device(cfg.run.device)
-    report, images = fairness_report(cfg, device)
+    report, images = fairness_report(cfg, resolve_device(cfg.run.device))
     for path in write_report(cfg.run_dir, report, images):
         print(f"wrote {path}")
 

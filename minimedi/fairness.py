@@ -2,15 +2,17 @@
 differentiable sampler they are backpropagated through.
 
 Following Shen et al. 2024 ("Finetuning Text-to-Image Diffusion Models for Fairness", ICLR), one
-step of alignment tuning generates a batch of N images from prompts that do not name the subgroup,
+step of alignment tuning generates a batch of a few prompts x several images each (`prompt_batch`),
 and asks a frozen subgroup classifier what it sees:
 
-1. **Distributional alignment** (`distributional_alignment_loss`). Rank the batch by the classifier's
-   p(female) and call the top round(N r) "female", the rest "male": for one binary attribute this is
-   the optimal transport between the batch and the target distribution (r = target female share).
-   Assignments that a fresh target sample of N would often contradict are dropped (`uncertainty`).
-   The loss is the classifier's cross-entropy against the kept targets. For several attributes
-   (e.g. sex x age group) the assignment is a small exact OT problem (`joint_ot_assign`).
+1. **Distributional alignment** (`distributional_alignment_loss`). Within each prompt's n images, rank
+   by the classifier's p(female) and call the top round(n r) "female", the rest "male": for one binary
+   attribute this is the optimal transport between the prompt's images and its target distribution
+   (r = the target female share for a prompt that does not name sex; 1 or 0 for one that does).
+   Assignments that a fresh target sample of n would often contradict are dropped (`uncertainty`), and
+   so are those whose image the classifier is already as sure of as of its matched real target image
+   (`matched_caps`). The loss is the classifier's cross-entropy against the kept targets. For several
+   attributes (e.g. sex x age group) the assignment is a small exact OT problem (`joint_ot_assign`).
 2. **CLIP consistency** (`clip_consistency_loss`): 1 - cos between CLIP image embeddings of the student
    image and the frozen teacher's image from the same noise and prompt, so that only the subgroup
    changes, not the content ("knowledge distillation" in Han et al. 2025).
@@ -27,6 +29,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from minimedi.clip import preprocess
 from minimedi.diffusion import alpha_sigma, ddim_coefficients, ddim_step, make_denoiser, sample_ddim, \
     x0_eps_from_pred
+from minimedi.grad import ScaleGrad
 
 
 # ---- one binary attribute: closed-form OT and its uncertainty -----------------------------------------
@@ -70,29 +73,110 @@ def uncertainty(rank, n, r):
     return at_most, (1 - at_most).clamp(min=0.0)
 
 
-def distributional_alignment_loss(logits, p_female_nograd, target_share, threshold=0.2):
-    """Cross-entropy of the classifier's `logits` [N, 2] (class 1 = female), computed on the images that
-    carry the gradient, against the OT targets from the no-grad probabilities [N]; assignments whose
-    uncertainty exceeds `threshold` are dropped. Returns (loss, stats): plain numbers for the log, "kept"
-    (assignments used), "female_fraction" (share with p > 0.5) and "mean_p_female"."""
-    p = p_female_nograd.detach()
-    targets, rank = ot_assign(p, target_share)
-    u_female, u_male = uncertainty(rank, p.shape[0], target_share)
-    keep = torch.where(targets == 1, u_female, u_male) <= threshold
-    # No confident assignment: a zero that still belongs to the graph, so backward() works.
+# ---- per prompt: the tuning batch, and the assignment within each prompt's images ---------------------
+
+def prompt_batch(neutral, named, n_prompts, per_prompt, named_share, target_share, generator):
+    """One tuning step's prompts: (captions [P M], groups [P M] long, shares [P] float), P = n_prompts.
+
+    Each prompt names sex with probability `named_share` (then a woman or a man, evenly, from `named` =
+    {"female": [...], "male": [...]}) and takes that sex as its target, share 1 or 0; otherwise it is one
+    of the `neutral` captions and takes `target_share`. Each prompt is repeated per_prompt (M) times with
+    its own noise, and groups[i] says which prompt image i belongs to: the assignment runs within it.
+    """
+    captions, shares = [], []
+    for named_now, woman, u in torch.rand(n_prompts, 3, generator=generator).tolist():
+        if named_now < named_share:
+            pool, share = named["female" if woman < 0.5 else "male"], float(woman < 0.5)
+        else:
+            pool, share = neutral, target_share
+        captions.append(pool[int(u * len(pool))])
+        shares.append(share)
+    groups = torch.arange(n_prompts).repeat_interleave(per_prompt)
+    return [captions[g] for g in groups.tolist()], groups, torch.tensor(shares, dtype=torch.float64)
+
+
+def assign_within_prompts(p_female, groups, shares, threshold=0.2):
+    """(targets [N] long, 1 = female; keep [N] bool): the OT assignment and uncertainty filter run within
+    each prompt's images. groups [N] says which prompt each image belongs to, shares [P] each prompt's
+    target female share, p_female [N] the classifier's calibrated readings.
+
+    Ranking each prompt on its own is Shen et al.'s setting (each of their batches is one prompt). Ranked
+    together, the prompts the classifier already reads as more female would take the "female" targets
+    and the others none: the batch would hit its share while every prompt stays as biased as before.
+    """
+    targets = torch.zeros_like(groups)
+    keep = torch.zeros(len(groups), dtype=torch.bool, device=p_female.device)
+    for g, share in enumerate(shares.tolist()):
+        idx = torch.nonzero(groups == g).squeeze(1)
+        targets[idx], rank = ot_assign(p_female[idx], share)
+        u_female, u_male = uncertainty(rank, len(idx), share)
+        keep[idx] = torch.where(targets[idx] == 1, u_female, u_male) <= threshold
+    return targets, keep
+
+
+def matched_caps(toward, targets, groups, real_toward):
+    """The confidence each image may be pushed to: caps [N] on its log-odds toward its target class.
+
+    `toward` [N] is the calibrated log-odds of each image's assigned class (log p(y) / p(not y)), and
+    real_toward[y] the same quantity on real target images of class y. Within each prompt and class, the
+    n assigned images are sorted by `toward` and the k-th (0-based) gets the real images' quantile at
+    (k + 1/2) / n: the monotone (1D optimal-transport) matching of the batch's confidences to the real
+    ones. An image stops receiving the alignment gradient once it is as confident as its matched real
+    image, so the images assigned to a class end up spread like real images of that class, not beyond
+    them: cross-entropy alone keeps pushing p(y) towards 1, and with it the anatomy the classifier reads
+    (head size) past the real range.
+    """
+    caps = torch.full_like(toward, math.inf)
+    for g in groups.unique():
+        for y in (0, 1):
+            idx = torch.nonzero((groups == g) & (targets == y)).squeeze(1)
+            if len(idx):
+                order = idx[torch.argsort(toward[idx], stable=True)]
+                levels = (torch.arange(len(idx), dtype=real_toward[y].dtype) + 0.5) / len(idx)
+                caps[order] = torch.quantile(real_toward[y], levels).to(caps)
+    return caps
+
+
+def distributional_alignment_loss(logits, groups, shares, threshold=0.2, temperature=1.0, real_toward=None):
+    """Cross-entropy of the classifier's `logits` [N, 2] (class 1 = female; they carry the gradient) against
+    the targets of `assign_within_prompts`, from the calibrated p(female) = softmax(logits / temperature)
+    without grad. With `real_toward` (the calibrated log-odds of real target images toward their own
+    class, ([males], [females]), `real_confidence`), an assignment is also dropped once its image is as
+    confident as its matched real image (`matched_caps`). The loss averages over the kept assignments.
+    Returns (loss, stats): "kept" (assignments used) and "capped" (dropped by the cap)."""
+    log_odds = (logits[:, 1] - logits[:, 0]).detach() / temperature  # log p(female) / p(male), calibrated
+    p = torch.sigmoid(log_odds)
+    targets, keep = assign_within_prompts(p, groups, shares, threshold)
+    certain = int(keep.sum())
+    if real_toward is not None:
+        toward = torch.where(targets == 1, log_odds, -log_odds)
+        keep &= toward < matched_caps(toward, targets, groups, real_toward)
+    # Nothing kept: a zero that still belongs to the graph, so backward() works.
     loss = F.cross_entropy(logits[keep], targets[keep]) if keep.any() else logits.sum() * 0.0
-    stats = {"kept": int(keep.sum()), "female_fraction": float((p > 0.5).float().mean()),
-             "mean_p_female": float(p.mean())}
-    return loss, stats
+    return loss, {"kept": int(keep.sum()), "capped": certain - int(keep.sum())}
 
 
-def kl_alignment_loss(probs, target):
-    """KL(target || batch-mean probability): probs [N, K] with grad; target a female share (K = 2) or shares [K]."""
+@torch.no_grad()
+def real_confidence(classifier, images, is_female, batch_size=256):
+    """(log-odds of real males toward male, of real females toward female): float64, CPU, from the
+    calibrated classifier on real target images it did not train on; what `matched_caps` matches to."""
+    device = next(classifier.parameters()).device
+    logits = torch.cat([classifier(x.to(device).float()).cpu() for x in images.split(batch_size)]).double()
+    log_odds = (logits[:, 1] - logits[:, 0]) / float(classifier.temperature)
+    return -log_odds[~is_female], log_odds[is_female]
+
+
+def kl_alignment_loss(probs, target, groups=None):
+    """KL(target || mean probability) within each prompt, averaged over prompts: probs [N, K] with grad;
+    target a female share (K = 2), shares [K], or one row of shares per prompt [P, K]; groups [N] as in
+    `distributional_alignment_loss` (None: one prompt)."""
     if not torch.is_tensor(target):
         target = torch.tensor([1.0 - target, target])
-    target = target.to(probs)
-    mean = probs.mean(dim=0)
-    return torch.sum(torch.xlogy(target, target) - target * torch.log(mean))
+    groups = torch.zeros(len(probs), dtype=torch.long, device=probs.device) if groups is None else groups
+    target = target.to(probs).expand(int(groups.max()) + 1, probs.shape[1])
+    losses = [torch.sum(torch.xlogy(t, t) - t * torch.log(probs[groups == g].mean(dim=0)))
+              for g, t in enumerate(target)]
+    return torch.stack(losses).mean()
 
 
 def consistency_weights(p_current, targets, changed_weight=0.2):
@@ -167,10 +251,14 @@ def joint_ot_assign(probs, shares):
     return torch.tensor([slot_class[j] for j in hungarian(cost)], device=probs.device)
 
 
-def joint_alignment_loss(logits, probs_nograd, shares):
-    """Cross-entropy of `logits` [N, K] against `joint_ot_assign` targets (all kept: the binomial
-    uncertainty above is a statement about ranks on one axis). Returns (loss, stats)."""
-    targets = joint_ot_assign(probs_nograd, shares)
+def joint_alignment_loss(logits, probs_nograd, shares, groups=None):
+    """Cross-entropy of `logits` [N, K] against `joint_ot_assign` targets, assigned within each prompt's
+    images (groups [N]; None: one prompt), all kept: the binomial uncertainty above is a statement about
+    ranks on one axis. Returns (loss, stats)."""
+    groups = torch.zeros(len(logits), dtype=torch.long, device=logits.device) if groups is None else groups
+    targets = torch.empty_like(groups)
+    for g in groups.unique():
+        targets[groups == g] = joint_ot_assign(probs_nograd[groups == g], shares)
     counts = torch.bincount(probs_nograd.argmax(dim=-1), minlength=probs_nograd.shape[1])
     return F.cross_entropy(logits, targets), {"kept": len(targets), "class_fraction": (counts / len(targets)).tolist()}
 
@@ -216,19 +304,6 @@ def chain_factors(log_snrs, prediction):
         factors.append(b * later)
         later = later * d
     return torch.stack(factors[::-1])
-
-
-class ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by a constant on the way back."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
 
 
 def guided_unet(unet, x, log_snr, tokens2, mask2, pooled2, drop, guidance):

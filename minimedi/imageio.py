@@ -99,18 +99,20 @@ def put_vertical_text(picture, center, text, font):
     picture.paste(label, (center[0] - label.width // 2, center[1] - label.height // 2))
 
 
-def save_bar_chart(path, title, bars, reference=None, ylabel="female fraction", ymax=1.0):
-    """Write a PNG bar chart (CHART_SIZE) of `bars` = [(label, value)], with the value above each bar.
+def bar_chart(title, labels, series, reference=None, ylabel="female fraction", ymax=1.0, size=CHART_SIZE):
+    """A bar chart as a PIL image of `size`: one group of bars per label in `labels`, one bar per series.
 
-    `reference` = (label, value) is drawn as a dashed horizontal line across the plot (the target share),
-    labelled on the right. The y axis runs from 0 to `ymax` with ticks at quarters; values outside are
-    drawn clipped to the axis and printed as they are.
+    series = [(name, values, intervals)]: values [G], intervals [G] of (low, high) drawn as whiskers, or
+    None. One series: a colour per bar and its value printed above it; several: a colour per series and a
+    legend. `reference` = (label, value) is drawn as a dashed horizontal line across the plot (the target
+    share), labelled on the right. The y axis runs from 0 to `ymax` with ticks at quarters; values outside
+    are drawn clipped to the axis (and printed as they are).
     """
-    width, height = CHART_SIZE
+    width, height = size
     left, top, right, bottom = (CHART_MARGINS[0], CHART_MARGINS[1], width - CHART_MARGINS[2],
                                 height - CHART_MARGINS[3])
     small, large = load_font(14), load_font(18)
-    picture = Image.new("RGB", CHART_SIZE, "white")
+    picture = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(picture)
 
     def row(value):
@@ -123,25 +125,64 @@ def save_bar_chart(path, title, bars, reference=None, ylabel="female fraction", 
         draw.line([(left, y), (right, y)], fill=GRID_COLOR)
         draw.line([(left - 5, y), (left, y)], fill="black")
         put_text(draw, (left - 8, y), f"{ymax * k / 4:g}", small, anchor="rm")
-    slot = (right - left) / len(bars)
-    spans = [(round(left + slot * (i + 0.2)), round(left + slot * (i + 0.8))) for i in range(len(bars))]
-    for i, ((x0, x1), (_, value)) in enumerate(zip(spans, bars)):
-        if row(value) < bottom:
-            draw.rectangle([x0, row(value), x1, bottom - 1], fill=BAR_COLORS[i % len(BAR_COLORS)])
+    slot, k = (right - left) / len(labels), len(series)
+    bars = []  # (x0, x1, value, interval, colour)
+    for j, (_, values, intervals) in enumerate(series):
+        for i, value in enumerate(values):
+            x0 = left + slot * (i + 0.1 + 0.8 * j / k) + (0.1 * slot if k == 1 else 0)
+            x1 = left + slot * (i + 0.1 + 0.8 * (j + 1) / k) - (0.1 * slot if k == 1 else 1)
+            colour = BAR_COLORS[(i if k == 1 else j) % len(BAR_COLORS)]
+            bars.append((round(x0), round(x1), value, intervals[i] if intervals else None, colour))
+    for x0, x1, value, _, colour in bars:
+        if value is not None and row(value) < bottom:
+            draw.rectangle([x0, row(value), x1, bottom - 1], fill=colour)
     draw.line([(left, top), (left, bottom)], fill="black")
     draw.line([(left, bottom), (right, bottom)], fill="black")
+    for x0, x1, _, interval, _ in bars:
+        if interval is not None:
+            x, (low, high) = (x0 + x1) // 2, interval
+            draw.line([(x, row(low)), (x, row(high))], fill="black")
+            for y in (row(low), row(high)):
+                draw.line([(x - 3, y), (x + 3, y)], fill="black")
     if reference is not None:
         label, value = reference
         y = row(value)
         for x in range(left, right, 12):  # dashes 8 px long, 4 px apart
             draw.line([(x, y), (min(x + 8, right), y)], fill=REFERENCE_COLOR, width=2)
         put_text(draw, (right + 6, y), f"{label}\n{value:.2f}", small, anchor="lm", fill=REFERENCE_COLOR)
-    for (x0, x1), (label, value) in zip(spans, bars):
-        # The value goes on a white patch: it stays legible where it meets the reference line.
-        put_text(draw, ((x0 + x1) / 2, row(value) - 4), f"{value:.2f}", small, anchor="mb", background="white")
-        put_text(draw, ((x0 + x1) / 2, bottom + 6), label, small, anchor="mt")
+    if k == 1:
+        for x0, x1, value, interval, _ in bars:
+            # Above the bar and its whisker, on a white patch: legible where it meets the reference line.
+            above = value if interval is None else max(value, interval[1])
+            put_text(draw, ((x0 + x1) / 2, row(above) - 4), f"{value:.2f}", small, anchor="mb", background="white")
+    else:
+        x = left + 8
+        for j, (name, _, _) in enumerate(series):
+            draw.rectangle([x, top + 4, x + 12, top + 16], fill=BAR_COLORS[j % len(BAR_COLORS)])
+            put_text(draw, (x + 16, top + 10), name, small, anchor="lm", background="white")
+            x += 28 + draw.textbbox((0, 0), name, font=small)[2]
+    crowded = any(draw.textbbox((0, 0), label, font=small)[2] > 0.95 * slot for label in labels)
+    for i, label in enumerate(labels):  # when labels are wider than their slot, every other one goes lower
+        put_text(draw, (left + slot * (i + 0.5), bottom + 6 + (18 if crowded and i % 2 else 0)), label, small)
+    return picture
+
+
+def save_bar_chart(path, title, bars, reference=None, ylabel="female fraction", ymax=1.0):
+    """Write a PNG bar chart (CHART_SIZE) of `bars` = [(label, value)], a colour per bar, the value above
+    each bar (`bar_chart`)."""
+    save_panels(path, [bar_chart(title, [label for label, _ in bars], [("", [v for _, v in bars], None)],
+                                 reference, ylabel, ymax)])
+
+
+def save_panels(path, pictures):
+    """Write PIL images stacked top to bottom (left-aligned, on white) as one PNG."""
+    canvas = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)), "white")
+    y = 0
+    for picture in pictures:
+        canvas.paste(picture, (0, y))
+        y += picture.height
     with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+        canvas.save(tmp, format="PNG")
 
 
 def save_side_by_side(left, right, path, titles=("before", "after"), nrow=8, scale=2):

@@ -43,7 +43,8 @@ def test_only_adapted_layers_change_and_sampling_works(tiny_base, tmp_path):
     assert len(steps) == 4 and {"align_loss", "clip_loss", "running_class_fractions"} <= steps[-1].keys()
     assert set(steps[-1]["class_fractions"]) == {"male", "female"}
     report = json.loads((run / "report.json").read_text())
-    assert list(report["models"]) == ["diffusion", "aligned"] and len(report["checks"]) == 5
+    assert list(report["models"]) == ["diffusion", "aligned"] and report["checks"]
+    assert {c["verdict"] for c in report["checks"]} <= {"pass", "FAIL", "inconclusive"}
     assert (run / "samples" / "before_after.png").exists() and "## Checks" in (run / "report.md").read_text()
     out = tmp_path / "aligned.png"
     sample.main(["--run", str(run), "--model", "aligned", "--prompt", "Axial T2-weighted MRI of the brain.",

@@ -11,8 +11,9 @@ from minimedi.clip import CLIP, CLIPConfig
 from minimedi.config import make_config
 from minimedi.diffusion import alpha_sigma, make_denoiser, sample_ddim, sampling_log_snrs
 from minimedi.fairness import (
-    binomial_cdf, chain_factors, clip_consistency_loss, consistency_weights, distributional_alignment_loss,
-    hungarian, joint_alignment_loss, joint_ot_assign, kl_alignment_loss, largest_remainder_counts, ot_assign,
+    assign_within_prompts, binomial_cdf, chain_factors, clip_consistency_loss, consistency_weights,
+    distributional_alignment_loss, hungarian, joint_alignment_loss, joint_ot_assign, kl_alignment_loss,
+    largest_remainder_counts, matched_caps, ot_assign, prompt_batch, real_confidence,
     random_grad_steps, round_half_up, sample_ddim_teacher, sample_ddim_with_grad, uncertainty)
 from minimedi.lora import inject_lora
 from minimedi.unet import UNet, token_mask
@@ -99,34 +100,105 @@ def test_uncertainty_matches_binomial_sums_with_math_comb(n, r):
 
 # ---- losses -----------------------------------------------------------------------------------------
 
+def one_prompt(n):
+    return torch.zeros(n, dtype=torch.long)
+
+
 def test_distributional_alignment_loss_keeps_confident_ranks_and_only_logits_get_grad():
     g = torch.Generator().manual_seed(0)
-    n, r = 24, 0.45
+    n, r, temperature = 24, 0.45, 1.7
     logits = torch.randn(n, 2, generator=g, requires_grad=True)
-    p_nograd = torch.rand(n, generator=g).requires_grad_()
-    loss, stats = distributional_alignment_loss(logits, p_nograd, r, threshold=0.2)
-    # Independently: rank j is kept iff its assigned label is contradicted with probability <= 0.2.
-    order = sorted(range(n), key=lambda i: -p_nograd[i].item())
+    loss, stats = distributional_alignment_loss(logits, one_prompt(n), torch.tensor([r]), 0.2, temperature)
+    # Independently: rank by the calibrated p(female); rank j is kept iff its assigned label is contradicted
+    # with probability <= 0.2.
+    p = torch.softmax(logits.detach() / temperature, -1)[:, 1]
+    order = sorted(range(n), key=lambda i: -p[i].item())
     n_female = round(n * r + 1e-9)
     cdf = [sum(math.comb(n, k) * r ** k * (1 - r) ** (n - k) for k in range(j + 1)) for j in range(n)]
     kept = [(i, int(j < n_female)) for j, i in enumerate(order) if (cdf[j] if j < n_female else 1 - cdf[j]) <= 0.2]
-    assert stats["kept"] == len(kept) and 0 < len(kept) < n
+    assert stats == {"kept": len(kept), "capped": 0} and 0 < len(kept) < n
     idx, y = torch.tensor([i for i, _ in kept]), torch.tensor([t for _, t in kept])
     torch.testing.assert_close(loss, F.cross_entropy(logits[idx], y))
-    assert stats["female_fraction"] == pytest.approx(float((p_nograd > 0.5).float().mean()))
     loss.backward()
-    assert p_nograd.grad is None
     dropped = torch.ones(n, dtype=torch.bool)
     dropped[idx] = False
     assert logits.grad[dropped].abs().sum() == 0 and logits.grad[idx].abs().sum() > 0
 
 
 def test_alignment_loss_with_nothing_kept_is_a_differentiable_zero():
-    logits = torch.randn(2, 2, requires_grad=True)
-    loss, stats = distributional_alignment_loss(logits, torch.tensor([0.6, 0.4]), 0.5, threshold=0.2)
+    logits = torch.tensor([[0.0, 0.4], [0.4, 0.0]], requires_grad=True)
+    loss, stats = distributional_alignment_loss(logits, one_prompt(2), torch.tensor([0.5]), threshold=0.2)
     assert stats["kept"] == 0 and loss.item() == 0.0
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros(2, 2))
+
+
+def test_per_prompt_ot_assigns_the_target_share_within_each_prompt():
+    """Two prompts whose readings differ: ranked within each prompt, each gets its round(12 x 0.5) = 6
+    women; ranked together (one group), the prompt that reads more female takes every "female" target."""
+    p = torch.cat([torch.linspace(0.55, 0.95, 12), torch.linspace(0.05, 0.45, 12)])
+    groups = torch.arange(2).repeat_interleave(12)
+    targets, keep = assign_within_prompts(p, groups, torch.tensor([0.5, 0.5]), threshold=1.0)
+    assert keep.all() and targets[:12].sum() == 6 and targets[12:].sum() == 6
+    assert targets[:12].tolist() == [0] * 6 + [1] * 6 and targets[12:].tolist() == [0] * 6 + [1] * 6  # the top 6
+    pooled, _ = assign_within_prompts(p, torch.zeros(24, dtype=torch.long), torch.tensor([0.5]), threshold=1.0)
+    assert pooled[:12].sum() == 12 and pooled[12:].sum() == 0
+    # The loss follows the per-prompt targets: its gradient raises p(female) exactly where "female" was assigned.
+    logits = torch.stack([torch.zeros(24), torch.logit(p)], 1).requires_grad_()
+    loss, _ = distributional_alignment_loss(logits, groups, torch.tensor([0.5, 0.5]), threshold=1.0)
+    loss.backward()
+    assert torch.equal(logits.grad[:, 1] < 0, targets == 1)
+
+
+def test_named_sex_prompts_take_share_one_or_zero():
+    neutral, named = ["n0", "n1", "n2"], {"female": ["w0", "w1"], "male": ["m0"]}
+    g = torch.Generator().manual_seed(0)
+    captions, groups, shares = prompt_batch(neutral, named, 400, 3, 1.0, 0.45, g)
+    assert groups.tolist() == [i // 3 for i in range(1200)] and captions[::3] == captions[1::3] == captions[2::3]
+    for caption, share in zip(captions[::3], shares.tolist()):
+        assert (share == 1.0 and caption in named["female"]) or (share == 0.0 and caption in named["male"])
+    assert 150 < shares.sum() < 250  # women and men evenly
+    captions, _, shares = prompt_batch(neutral, named, 50, 2, 0.0, 0.45, g)
+    assert set(captions) <= set(neutral) and shares.tolist() == [0.45] * 50
+    _, _, shares = prompt_batch(neutral, named, 2000, 1, 0.25, 0.45, g)
+    assert abs(float((shares != 0.45).double().mean()) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 2000)
+    # A named prompt's images are all assigned its sex, and no assignment is uncertain.
+    p = torch.rand(12, generator=g)
+    for share in (1.0, 0.0):
+        targets, keep = assign_within_prompts(p, one_prompt(12), torch.tensor([share]), threshold=0.2)
+        assert keep.all() and targets.tolist() == [int(share)] * 12
+
+
+def test_matched_caps_stop_the_push_at_the_matched_real_confidence():
+    """Real women's log-odds toward female are 0, 0.1, ..., 9.9: the quantile at level q is 9.9 q. Four
+    images assigned "female" at log-odds 0.5, 9, 3, 7 are matched in order to the levels 1/8, 3/8, 5/8, 7/8,
+    i.e. to caps 1.2375, 3.7125, 6.1875, 8.6625: the images at 7 and 9 are already past theirs."""
+    real_toward = (torch.arange(50, dtype=torch.float64) * 0.2, torch.arange(100, dtype=torch.float64) * 0.1)
+    toward = torch.tensor([0.5, 9.0, 3.0, 7.0], dtype=torch.float64)
+    caps = matched_caps(toward, torch.ones(4, dtype=torch.long), one_prompt(4), real_toward)
+    torch.testing.assert_close(caps, torch.tensor([1.2375, 8.6625, 3.7125, 6.1875], dtype=torch.float64))
+    # Men are matched to real men's quantiles (here 9.8 q), each prompt on its own.
+    caps = matched_caps(toward, torch.zeros(4, dtype=torch.long), torch.tensor([0, 0, 1, 1]), real_toward)
+    torch.testing.assert_close(caps, torch.tensor([0.25, 0.75, 0.25, 0.75], dtype=torch.float64) * 9.8)
+    # In the loss: a named-woman prompt whose two most confident images are past their caps.
+    logits = torch.stack([torch.zeros(4), toward.float()], 1).requires_grad_()
+    loss, stats = distributional_alignment_loss(logits, one_prompt(4), torch.tensor([1.0]), real_toward=real_toward)
+    assert stats == {"kept": 2, "capped": 2}
+    torch.testing.assert_close(loss, F.cross_entropy(logits[[0, 2]], torch.ones(2, dtype=torch.long)))
+    loss.backward()
+    assert logits.grad[[1, 3]].abs().sum() == 0 and logits.grad[[0, 2]].abs().min() > 0
+
+
+def test_real_confidence_reads_calibrated_log_odds_toward_each_image_s_own_class():
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    classifier.temperature = torch.tensor(2.0)
+    images = torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    is_female = torch.tensor([True, False, True, True, False, False])
+    men, women = real_confidence(classifier, images, is_female)
+    logits = classifier(images).detach().double()
+    log_odds = torch.log_softmax(logits / 2, -1)
+    torch.testing.assert_close(women, (log_odds[:, 1] - log_odds[:, 0])[is_female])
+    torch.testing.assert_close(men, (log_odds[:, 0] - log_odds[:, 1])[~is_female])
 
 
 def test_kl_alignment_loss_matches_formula_and_vanishes_at_target():
@@ -138,6 +210,10 @@ def test_kl_alignment_loss_matches_formula_and_vanishes_at_target():
     loss.backward()
     assert probs.grad[:, 1].sum() < 0  # raising p(female) lowers the loss
     assert float(kl_alignment_loss(probs.detach(), torch.tensor([0.75, 0.25]))) == pytest.approx(0.0, abs=1e-7)
+    # Per prompt: the mean over prompts of each prompt's KL to its own target.
+    per_prompt = kl_alignment_loss(probs.detach(), torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([0, 0, 1, 1]))
+    expected = (0.3 * math.log(0.3 / 0.7) + 0.7 * math.log(0.7 / 0.3) + 1.0 * math.log(1.0 / 0.8)) / 2
+    assert per_prompt.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_joint_alignment_loss_and_consistency_weights():
@@ -150,6 +226,9 @@ def test_joint_alignment_loss_and_consistency_weights():
     assert targets.tolist() == [0, 1, 1, 1]
     assert consistency_weights(probs[:, 1], targets).tolist() == pytest.approx([1.0, 1.0, 0.2, 1.0])
     assert consistency_weights(probs, targets).tolist() == pytest.approx([1.0, 1.0, 0.2, 1.0])
+    # Within prompts {0, 1} and {2, 3}: one "female" slot each (round_half_up(2 x 0.5)... here 0.5 of 2 = 1).
+    loss, _ = joint_alignment_loss(logits, probs, [0.5, 0.5], torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.tensor([0, 1, 0, 1])))
 
 
 def test_clip_consistency_loss():

@@ -1,5 +1,6 @@
 """head_area: Otsu's level against a brute-force search, the hole filling on drawn shapes, and the area
-against the head size the phantom rendered."""
+against the head size the phantom rendered; the KS distance against scipy; the share outside the real range
+by hand."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from minimedi.data.phantom import HEAD_AXES, PhantomCorpus
 from scipy import stats
 
-from minimedi.morphometry import BINS, head_area, otsu_levels, plausibility
+from minimedi.morphometry import BINS, anatomy, head_area, ks_distance, otsu_levels, share_outside
 
 
 def brute_force_otsu(image):
@@ -70,14 +71,22 @@ def test_area_follows_the_rendered_head_size(size):
     assert area[female].mean() < area[~female].mean()
 
 
-def test_plausibility_against_scipy():
+@pytest.mark.parametrize("seed", range(3))
+def test_ks_distance_matches_scipy(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 1, 200).round(1)  # ties within and across the samples
+    b = rng.normal(0.3, 1.2, 333).round(1)
+    assert ks_distance(a, b) == pytest.approx(stats.ks_2samp(a, b).statistic, abs=1e-12)
+    assert ks_distance(a, a) == 0.0 and ks_distance(a, a + 100) == 1.0
+
+
+def test_share_outside_the_real_percentile_range():
+    reference = np.arange(101.0)  # 1st and 99th percentiles: 1 and 99
+    assert share_outside([0.5, 1.0, 50, 99.0, 99.5, 200], reference) == pytest.approx(3 / 6)
+    report = anatomy(np.array([10.0, 20, 30, 40]), reference)
+    assert report["n"] == 4 and report["n_real"] == 101 and report["outside"] == 0.0
+    assert report["median"] == 25.0 and report["real_median"] == 50.0
+    assert report["ks"] == pytest.approx(stats.ks_2samp([10.0, 20, 30, 40], reference).statistic)
     g = torch.Generator().manual_seed(0)
-    real = 0.35 + 0.03 * torch.randn(500, generator=g)
-    for shift, spread in ((0.0, 1.0), (0.02, 1.0), (0.0, 2.0)):
-        generated = 0.35 + shift + 0.03 * spread * torch.randn(300, generator=g)
-        got = plausibility(generated, real)
-        assert got["ks"] == pytest.approx(stats.ks_2samp(generated.numpy(), real.numpy()).statistic, abs=1e-12)
-        lo, hi = np.percentile(real.numpy(), [1, 99])
-        outside = np.mean((generated.numpy() < lo) | (generated.numpy() > hi))
-        assert got["outside_real_1_99"] == pytest.approx(outside, abs=1e-12)
-    assert plausibility(real, real) == {"ks": 0.0, "outside_real_1_99": pytest.approx(0.02, abs=0.005)}
+    real = 0.35 + 0.03 * torch.randn(2000, generator=g)
+    assert anatomy(real, real)["outside"] == pytest.approx(0.02, abs=0.001) and anatomy(real, real)["ks"] == 0.0

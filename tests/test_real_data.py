@@ -159,8 +159,6 @@ def test_a_corpus_too_small_to_hold_out_trains_and_says_so(tmp_path):
 
 # ---- what waits for the real-data report (issue 11) and the record of a target-only run --------------------
 
-@pytest.mark.xfail(strict=True, reason="the report still measures real data against the phantom (issue 13: "
-                                       "held-out BraTS subjects, features of a network trained on BraTS)")
 def test_the_report_on_real_data_measures_against_held_out_real_subjects(chain, tmp_path):
     run = copy_run(chain.run, tmp_path / "run")
     run_script(evaluate.main, [*TINY, "--run", run, "--cls-steps", 2, "--eval-steps", 1])

@@ -12,12 +12,19 @@ prove a prompt can never be generated).
 Sex and age are each mentioned in a caption independently with probability 1/2 (as in ROCO, where
 demographics appear in only part of the captions): a quarter name both, a quarter neither.
 
-The prompt sets never mention sex or age:
+The prompt sets of alignment tuning:
 - `tuning_prompts()`: captions the grammar itself produces (in-distribution), one per attribute
-  combination, used by the alignment tuning;
+  combination, naming neither sex nor age: their target is the target corpus' female share;
+- `named_sex_tuning_prompts()`: the same combinations in captions that say "man" / "male patient" or
+  "woman" / "female patient": their target is that sex (share 1 or 0), so tuning keeps named sex.
+
+The prompt sets of the fairness report, none of which tuning ever sees:
 - `evaluation_prompts()`: one held-out template ("Brain MRI, axial FLAIR slice showing ...") made only
   of words the grammar uses, in an order it never produces: in-distribution for a text encoder trained
-  on the corpus, yet disjoint from every training caption and from the tuning prompts.
+  on the corpus, yet disjoint from every training caption and from the tuning prompts. No sex, no age;
+- `named_sex_evaluation_prompts()`: grammar captions naming sex (and age half the time), other draws;
+- `unseen_prompts()`: prompts unlike the tuning ones: normal studies, captions naming age, and a
+  second held-out template.
 
 Sides are the patient's: "left" is the patient's left, which the images show on the image's right
 (the radiological convention; see `phantom.py`).
@@ -65,7 +72,10 @@ GRAMMAR = {
 EVALUATION_TEMPLATE = "Brain MRI, axial {modality} slice showing a {size} glioma in the {side} {lobe} lobe."
 EVALUATION_MODALITY = {"t1": "T1-weighted", "t1ce": "contrast-enhanced T1-weighted",
                        "t2": "T2-weighted", "flair": "FLAIR"}
+# Held out of GRAMMAR too: no caption starts with "Axial slice"; used for the report's unseen prompts.
+SECOND_TEMPLATE = "Axial slice of the brain, {modality} MRI, showing a {size} glioma in the {side} {lobe} lobe."
 TUNING_SEED = 7919  # tuning prompts are grammar samples drawn with this fixed seed
+EVALUATION_SEED = 104729  # and the report's grammar prompts with this one
 
 
 def item_grammar(attrs, mention_sex, mention_age):
@@ -133,4 +143,62 @@ def tuning_prompts():
     for k, a in enumerate(tumor_attributes()):
         rng = np.random.Generator(np.random.PCG64([TUNING_SEED, k]))
         prompts.append({"prompt": caption({**a, "tumor": True}, rng, p_sex=0.0, p_age=0.0), **a})
+    return prompts
+
+
+def named_sex_tuning_prompts():
+    """{sex: 64 grammar captions naming that sex and no age (one per glioma attribute combination)}, each
+    a dict with its attributes and "sex"."""
+    prompts = {}
+    for s, sex in enumerate(("male", "female")):
+        prompts[sex] = []
+        for k, a in enumerate(tumor_attributes()):
+            rng = np.random.Generator(np.random.PCG64([TUNING_SEED, k, 1 + s]))
+            prompts[sex].append({"prompt": caption({**a, "tumor": True, "sex": sex}, rng, p_sex=1.0, p_age=0.0),
+                                 "sex": sex, **a})
+    return prompts
+
+
+def sampled_attributes(rng, k, tumor=True):
+    """Random attributes of a report prompt; modality cycles with k, so every modality has its share."""
+    a = {"modality": MODALITIES[k % len(MODALITIES)], "tumor": tumor, "age": int(rng.integers(20, 86))}
+    if tumor:
+        a.update(side=str(rng.choice(SIDES)), lobe=str(rng.choice(LOBES)), tumor_size=str(rng.choice(SIZES)))
+    else:
+        a.update(side="none", lobe="none", tumor_size="none")
+    return a
+
+
+def named_sex_evaluation_prompts(per_sex=32):
+    """{sex: `per_sex` grammar captions naming that sex (and the age half the time), random gliomas, none of
+    them a tuning prompt}."""
+    tuning = {p["prompt"] for prompts in named_sex_tuning_prompts().values() for p in prompts}
+    prompts = {}
+    for s, sex in enumerate(("male", "female")):
+        prompts[sex], k = [], 0
+        while len(prompts[sex]) < per_sex:
+            rng = np.random.Generator(np.random.PCG64([EVALUATION_SEED, k, 1 + s]))
+            a = {**sampled_attributes(rng, len(prompts[sex])), "sex": sex}
+            text = caption(a, rng, p_sex=1.0, p_age=0.5)
+            if text not in tuning:
+                prompts[sex].append({"prompt": text, **a})
+            k += 1
+    return prompts
+
+
+def unseen_prompts(per_kind=32):
+    """{kind: `per_kind` prompts naming no sex} of three kinds that tuning never sees: "normal" (grammar
+    captions of studies without a tumour), "age" (grammar captions of gliomas that name the age) and
+    "template" (gliomas in `SECOND_TEMPLATE`)."""
+    prompts = {"normal": [], "age": [], "template": []}
+    for kind_index, kind in enumerate(prompts):
+        for k in range(per_kind):
+            rng = np.random.Generator(np.random.PCG64([EVALUATION_SEED, k, 10 + kind_index]))
+            a = sampled_attributes(rng, k, tumor=kind != "normal")
+            if kind == "template":
+                text = SECOND_TEMPLATE.format(modality=EVALUATION_MODALITY[a["modality"]], size=a["tumor_size"],
+                                              side=a["side"], lobe=a["lobe"])
+            else:
+                text = caption(a, rng, p_sex=0.0, p_age=float(kind == "age"))
+            prompts[kind].append({"prompt": text, **a})
     return prompts

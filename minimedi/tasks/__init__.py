@@ -154,6 +154,8 @@ def preflight(cfg):
             raise UserError(f"{flag} {spec}: {path} is not a directory")
     if cfg.data.target.startswith("brats:") and not cfg.data.labels:
         raise UserError("--target brats:PATH needs --labels CSV (subject,sex): BraTS ships no sex")
+    if cfg.align.batch % cfg.align.per_prompt:
+        raise UserError(f"--align-batch {cfg.align.batch} is not a multiple of --align-per-prompt {cfg.align.per_prompt}")
     check_unet(cfg.unet, cfg.data.image_size)
     if not cfg.clip.weights:
         clip_config(cfg.clip, cfg.data.image_size)

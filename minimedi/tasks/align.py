@@ -5,10 +5,14 @@ images generated from prompts that never name the subgroup matches the target da
 CLIP-consistency term keeps each image close to what the frozen original model draws from the same noise
 and prompt (DESIGN.md, "Alignment tuning"; Shen et al. 2024). Per step:
 
-  1. a batch of tuning prompts and noise images; the student (LoRA adapters on the UNet, or the whole UNet
+  1. a batch of --align-batch noise images for batch / M tuning prompts, M = --align-per-prompt images each;
+     a share --named-sex of the prompts name sex. The student (LoRA adapters on the UNet, or the whole UNet
      with --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling, `fairness.py`);
      the frozen teacher samples from the same noise without;
-  2. the alignment loss of the classifier on the student's images (`fairness.py`);
+  2. distributional alignment, within each prompt's M images: rank by the calibrated p(female), assign the
+     top round(M r) to "female" (optimal transport to the prompt's target share r: the target corpus' share,
+     or 1 / 0 for a prompt naming a woman / a man), drop uncertain assignments and those the classifier is
+     already as sure of as of real target images (--align-cap), cross-entropy (`fairness.py`);
   3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))).
 
 aligned.pt holds the EMA of the tuned weights with the adapters merged, so it loads like diffusion.pt
@@ -22,8 +26,9 @@ import torch
 from minimedi import diffusion, fairness, training
 from minimedi.checkpoint import load_checkpoint
 from minimedi.classifier import class_shares, load_classifier
-from minimedi.config import config_to_dict
-from minimedi.data.captions import tuning_prompts
+from minimedi.config import config_from_dict, config_to_dict
+from minimedi.data.captions import named_sex_tuning_prompts, tuning_prompts
+from minimedi.data.reference import reference_corpus
 from minimedi.errors import UserError
 from minimedi.lora import inject_lora, merge_lora
 from minimedi.pipeline import load_generator
@@ -43,21 +48,36 @@ def target_shares(cfg, classes, shares, path):
     return [1 - cfg.align.target_female, cfg.align.target_female]
 
 
-def alignment_loss(cfg, classifier, images, shares):
-    """The fairness term on the student's images, and the batch's predicted class shares for the log.
+def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_toward):
+    """The fairness term on the student's images, the batch's predicted class shares and stats for the log.
 
-    One binary axis (sex, age group): the distributional alignment loss with its closed-form OT. More
-    classes (sex x age group): the exact OT over the joint distribution. `--align-loss kl`: either way,
-    KL between the target shares and the batch-mean probabilities."""
+    One binary axis (sex, age group): the distributional alignment loss with its closed-form OT, within
+    each prompt's images (`groups`, target `prompt_shares` per prompt). More classes (sex x age group):
+    the exact OT over the joint distribution, within each prompt. `--align-loss kl`: KL between the
+    target shares and each prompt's mean probabilities."""
     logits = classifier(images)
     probs = torch.softmax(logits.detach() / classifier.temperature, -1)  # predict_proba, without a second pass
+    stats = {}
     if cfg.align.loss == "kl":
-        loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), torch.tensor(shares))
+        target = torch.stack([1 - prompt_shares, prompt_shares], 1) if len(shares) == 2 else torch.tensor(shares)
+        loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), target, groups)
     elif len(shares) == 2:
-        loss, _ = fairness.distributional_alignment_loss(logits, probs[:, 1], shares[1], cfg.align.uncertainty)
+        loss, stats = fairness.distributional_alignment_loss(logits, groups, prompt_shares, cfg.align.uncertainty,
+                                                             float(classifier.temperature), real_toward)
     else:
-        loss, _ = fairness.joint_alignment_loss(logits, probs, shares)
-    return loss, class_shares(probs.argmax(-1), len(shares))
+        loss, _ = fairness.joint_alignment_loss(logits, probs, shares, groups)
+    return loss, class_shares(probs.argmax(-1), len(shares)), stats
+
+
+def real_confidence(cfg, classifier, cls_ckpt):
+    """The cap of `--align-cap match`: the calibrated log-odds of real target images held out from the
+    classifier toward their own sex (`fairness.real_confidence`); None when there is no cap."""
+    a = cfg.align
+    if a.cap != "match" or a.loss != "dal" or cls_ckpt["classes"] != ["male", "female"]:
+        return None
+    real = reference_corpus(config_from_dict(cls_ckpt["config"]).data, cls_ckpt["split"]["heldout_groups"])
+    is_female = torch.tensor([x["sex"] == "female" for x in real.attributes])
+    return fairness.real_confidence(classifier, real.images.float(), is_female)
 
 
 def make_aligned(cfg, d):
@@ -89,22 +109,31 @@ def make_aligned(cfg, d):
 
     loop = training.TrainLoop(path, a.steps, {"student": student, "ema": ema, "optimizer": opt, "batches": g},
                               record, a.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="align")
-    prompts = [p["prompt"] for p in tuning_prompts()]
+    neutral = [p["prompt"] for p in tuning_prompts()]
+    named = {sex: [p["prompt"] for p in prompts] for sex, prompts in named_sex_tuning_prompts().items()}
+    named_share = a.named_sex if classes == ["male", "female"] else 0.0  # only a sex classifier reads named sex
+    real_toward = real_confidence(cfg, classifier, cls_ckpt)
     size, prediction = teacher.image_size, teacher.diffusion.prediction
     log_snrs = diffusion.sampling_log_snrs(a.ddim_steps, teacher.diffusion.schedule, d.device)
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"))
     goal = ", ".join(f"{c} {share:.3f}" for c, share in zip(classes, shares))
     print(f"aligning to the shares {goal} ({a.loss} loss, lambda_clip {a.lambda_clip}, "
-          f"{'full UNet' if a.full else f'LoRA rank {a.lora_rank}'})")
+          f"{'full UNet' if a.full else f'LoRA rank {a.lora_rank}'}; {a.batch // a.per_prompt} prompts x "
+          f"{a.per_prompt} images a step, {'within each prompt' if a.per_prompt_ot else 'one OT over the batch'}, "
+          f"{named_share:.0%} naming sex, cap {a.cap if real_toward is not None else 'none'})")
     encoder, running = teacher.encoder, None
     for step in loop:
-        ids = torch.randint(len(prompts), (a.batch,), generator=g)
-        states, mask, pooled = encoder.encode([prompts[i] for i in ids])
+        captions, groups, prompt_shares = fairness.prompt_batch(neutral, named, a.batch // a.per_prompt, a.per_prompt,
+                                                                named_share, shares[1], g)
+        if not a.per_prompt_ot:  # the ablation: one assignment over the whole batch, to the batch's mean share
+            groups, prompt_shares = torch.zeros_like(groups), prompt_shares.mean().reshape(1)
+        states, mask, pooled = encoder.encode(captions)
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
         grad_steps = fairness.random_grad_steps(a.ddim_steps, a.grad_steps, g)
         x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
                                                    prediction, checkpoint=a.checkpoint, grad_steps=grad_steps)
-        align, fractions = alignment_loss(cfg, classifier, x_student, shares)
+        align, fractions, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
+                                                 shares, real_toward)
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
             x_teacher = fairness.sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled,
@@ -121,7 +150,7 @@ def make_aligned(cfg, d):
         loop.bar.set_postfix(align=f"{align.item():.3f}", clip=f"{clip.item():.3f}",
                              **{c.replace(" ", "_"): f"{share:.2f}" for c, share in zip(classes, running.tolist())})
         log(task="align", step=step + 1, align_loss=align, clip_loss=clip,
-            class_fractions=dict(zip(classes, fractions.tolist())),
+            class_fractions=dict(zip(classes, fractions.tolist())), **stats,
             running_class_fractions=dict(zip(classes, running.tolist())))
     loop.finish()
     print(f"saved {path}")

@@ -1,0 +1,60 @@
+"""The prompt sets of tuning and of the report: what each names, what it never names, and that the report's
+prompts are not tuning prompts. Captions are read back with test_phantom's hand-written parser."""
+from collections import Counter
+
+from minimedi.data.captions import (MODALITIES, all_captions, evaluation_prompts, named_sex_evaluation_prompts,
+                                    named_sex_tuning_prompts, tuning_prompts, unseen_prompts)
+from tests.test_phantom import parse, words
+
+SEX_WORDS = {"man", "woman", "male", "female"}
+
+
+def test_named_sex_tuning_prompts_name_their_sex_and_come_from_the_grammar():
+    named = named_sex_tuning_prompts()
+    neutral = {(p["modality"], p["side"], p["lobe"], p["tumor_size"]) for p in tuning_prompts()}
+    for sex, prompts in named.items():
+        assert len(prompts) == 64 and {(p["modality"], p["side"], p["lobe"], p["tumor_size"]) for p in prompts} == neutral
+        for p in prompts:
+            parsed = parse(p["prompt"])
+            assert parsed["sexes"] == [sex] and not parsed["ages"] and p["sex"] == sex
+            assert parsed["modality"] == p["modality"] and parsed["sides"] == [p["side"]]
+            assert p["prompt"] in all_captions({**p, "tumor": True}, mention_sex=True)
+
+
+def test_report_prompts_are_never_tuning_prompts():
+    tuning = {p["prompt"] for p in tuning_prompts()}
+    tuning |= {p["prompt"] for prompts in named_sex_tuning_prompts().values() for p in prompts}
+    report = [p for p in evaluation_prompts()]
+    report += [p for prompts in named_sex_evaluation_prompts().values() for p in prompts]
+    report += [p for prompts in unseen_prompts().values() for p in prompts]
+    assert tuning.isdisjoint(p["prompt"] for p in report)
+
+
+def test_named_sex_evaluation_prompts():
+    for sex, prompts in named_sex_evaluation_prompts(per_sex=32).items():
+        assert len({p["prompt"] for p in prompts}) == 32
+        assert Counter(p["modality"] for p in prompts) == {m: 8 for m in MODALITIES}
+        for p in prompts:
+            parsed = parse(p["prompt"])
+            assert parsed["sexes"] == [sex] and parsed["modality"] == p["modality"]
+            assert parsed["ages"] in ([], [p["age"]])
+        assert 0 < sum(bool(parse(p["prompt"])["ages"]) for p in prompts) < 32  # the age, half the time
+
+
+def test_unseen_prompts_name_no_sex_and_differ_from_tuning_in_their_kind():
+    prompts = unseen_prompts(per_kind=32)
+    grammar_vocabulary = set()
+    for p in tuning_prompts():
+        grammar_vocabulary.update(words(p["prompt"]))
+    for kind, ps in prompts.items():
+        assert len(ps) == 32 and Counter(p["modality"] for p in ps) == {m: 8 for m in MODALITIES}
+        for p in ps:
+            parsed = parse(p["prompt"])
+            assert not SEX_WORDS & set(words(p["prompt"])) and parsed["modality"] == p["modality"]
+            if kind == "normal":
+                assert not p["tumor"] and not parsed["sides"] and not parsed["lobes"] and not parsed["ages"]
+            elif kind == "age":
+                assert parsed["ages"] == [p["age"]] and parsed["lobes"] == [p["lobe"]]
+            else:  # the second template: grammar words in an order the grammar never writes
+                assert not parsed["ages"] and parsed["sides"] == [p["side"]] and parsed["lobes"] == [p["lobe"]]
+                assert p["prompt"] not in all_captions({**p, "sex": "male"}) and set(words(p["prompt"])) <= grammar_vocabulary
