@@ -109,8 +109,11 @@ def quality(images, low, reference_features, classifier):
             "consistency": consistency(images, low)}
 
 
-def evaluate_pairs(cascade, low, high, reference, captions, classifier, seed):
-    """SR vs bicubic vs the real images on held-out pairs; returns (metrics, SR outputs)."""
+def evaluate_pairs(cascade, low, high, reference, captions, classifiers, seed):
+    """SR vs bicubic vs the real images on held-out pairs, and the female share each classifier reads on
+    them (the control for the cascade's: how far the two classifiers agree on the same real slices);
+    returns (metrics, SR outputs)."""
+    base_cls, classifier = classifiers
     reference_features = features_and_p_female(classifier, reference)[0]
     states, mask, pooled = cascade.encoder.encode(captions)
     d = cascade.sr_diffusion
@@ -121,9 +124,14 @@ def evaluate_pairs(cascade, low, high, reference, captions, classifier, seed):
                            threshold=d.dynamic_threshold, generator=torch.Generator(cascade.device).manual_seed(seed)
                            ).cpu()
     size = cascade.image_size
+    shares = {"low": female_share(features_and_p_female(base_cls, low)[1]),
+              "real": female_share(features_and_p_female(classifier, high)[1]),
+              "sr": female_share(features_and_p_female(classifier, sr)[1])}
+    shares["test_real"] = two_proportion_test(shares["low"], shares["real"])
+    shares["test_sr"] = two_proportion_test(shares["low"], shares["sr"])
     return {"sr": quality(sr, low, reference_features, classifier),
             "bicubic": quality(bicubic_baseline(low.float(), size), low, reference_features, classifier),
-            "real": quality(high, low, reference_features, classifier)}, sr
+            "real": quality(high, low, reference_features, classifier), "female_share": shares}, sr
 
 
 def evaluate_cascade(cascade, prompts, steps, guidance, seed, reference, classifiers):
@@ -161,8 +169,8 @@ def sr_report(cfg, device):
     low, high, captions = low[:e.n].float(), high[:e.n].float(), captions[:e.n]
     report = {"n": e.n, "low_size": low_size, "size": size, "sr_settings": settings, "base_steps": e.steps,
               "guidance": s.guidance, "classifiers": {"base": base_metrics, "final": final_metrics}}
-    report["pairs"], sr_images = evaluate_pairs(cascades["diffusion"], low, high, reference, captions, final_cls,
-                                                cfg.run.seed)
+    report["pairs"], sr_images = evaluate_pairs(cascades["diffusion"], low, high, reference, captions,
+                                                (base_cls, final_cls), cfg.run.seed)
     prompts = [p["prompt"] for p in evaluation_prompts()]
     prompts = [prompts[i % len(prompts)] for i in range(e.n)]
     grid = [upsample_nearest(low[:8], size), bicubic_baseline(low[:8], size), sr_images[:8], high[:8]]
@@ -187,6 +195,12 @@ def markdown(report):
         c = q["consistency"]
         return f"| {name} | {q['fid']:.2f} | {c['mean']:.4f} ± {c['se']:.4f} |"
 
+    def share_row(images, reader, share):
+        return f"| {images} | {reader} | {share['share']:.3f} ± {share['se']:.3f} |"
+
+    def test(t):
+        return f"z = {t['z']:.2f}, p = {t['p_value']:.3f}"
+
     lines = [f"# Super-resolution stage: {low} px -> {size} px", "",
              f"{r['n']} images each; SR: noise augmentation level {r['sr_settings']['aug_level']}, "
              f"{r['sr_settings']['steps']} steps, guidance {r['sr_settings']['guidance']}; base model: "
@@ -196,6 +210,13 @@ def markdown(report):
              "| images | FID | consistency |", "|---|---|---|",
              row("SR stage", r["pairs"]["sr"]), row("bicubic", r["pairs"]["bicubic"]),
              row("real (floor)", r["pairs"]["real"])]
+    pairs = r["pairs"]["female_share"]
+    lines += ["", "| female share | read by | share ± s.e. |", "|---|---|---|",
+              share_row(f"real inputs ({low} px)", "base classifier", pairs["low"]),
+              share_row(f"real images ({size} px)", f"{size} px classifier", pairs["real"]),
+              share_row(f"SR of the inputs ({size} px)", f"{size} px classifier", pairs["sr"]), "",
+              f"Two-proportion tests against the inputs' share: real {test(pairs['test_real'])}, "
+              f"SR {test(pairs['test_sr'])}."]
     for model in ("diffusion", "aligned"):
         if model not in r:
             continue
@@ -203,11 +224,9 @@ def markdown(report):
         lines += ["", f"## The cascade from text ({model} base)", "", "| images | FID | consistency |",
                   "|---|---|---|", row("cascade", m["sr"]), row("base + bicubic", m["bicubic"]), "",
                   "| female share | read by | share ± s.e. |", "|---|---|---|",
-                  f"| base images ({low} px) | base classifier | {share['base']['share']:.3f} ± "
-                  f"{share['base']['se']:.3f} |",
-                  f"| cascade images ({size} px) | {size} px classifier | {share['cascade']['share']:.3f} ± "
-                  f"{share['cascade']['se']:.3f} |", "",
-                  f"Two-proportion test: z = {share['test']['z']:.2f}, p = {share['test']['p_value']:.3f}."]
+                  share_row(f"base images ({low} px)", "base classifier", share["base"]),
+                  share_row(f"cascade images ({size} px)", f"{size} px classifier", share["cascade"]), "",
+                  f"Two-proportion test: {test(share['test'])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -23,11 +23,15 @@ def test_the_report_files_and_their_numbers(evaluated):
     report = json.loads((evaluated / "sr_report.json").read_text())
     assert (evaluated / "sr_report.md").read_text().startswith("# Super-resolution stage: 16 px -> 32 px")
     assert (evaluated / "sr_samples.png").exists() and (evaluated / "sex32.pt").exists()
-    assert report["n"] == 8 and set(report["pairs"]) == {"sr", "bicubic", "real"}
-    for q in (*report["pairs"].values(), report["diffusion"]["sr"], report["diffusion"]["bicubic"]):
+    assert report["n"] == 8 and set(report["pairs"]) == {"sr", "bicubic", "real", "female_share"}
+    pairs, cascade = report["pairs"], report["diffusion"]
+    for q in (pairs["sr"], pairs["bicubic"], pairs["real"], cascade["sr"], cascade["bicubic"]):
         assert math.isfinite(q["fid"]) and q["consistency"]["mean"] >= 0
     # two renders of a slice differ by their MR noise only; a 4-step SR stage strays much further
     assert report["pairs"]["real"]["consistency"]["mean"] < 0.1 < report["pairs"]["sr"]["consistency"]["mean"]
+    control = report["pairs"]["female_share"]
+    assert control["low"]["n"] == control["real"]["n"] == control["sr"]["n"] == 8
+    assert 0 <= control["test_real"]["p_value"] <= 1 and 0 <= control["test_sr"]["p_value"] <= 1
     share = report["diffusion"]["female_share"]
     assert share["base"]["n"] == share["cascade"]["n"] == 8 and 0 <= share["test"]["p_value"] <= 1
     assert "aligned" not in report  # the run has no aligned.pt
