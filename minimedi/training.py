@@ -45,6 +45,17 @@ def warmup_cosine(step, warmup, total, floor=0.1):
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def optimizer_step(loss, unet, opt, sched, ema, grad_clip):
+    """One update of a denoiser: backward, gradient clipping, AdamW, LR schedule, EMA; returns the grad norm."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    ema.update_parameters(unet)
+    return grad_norm
+
+
 def make_ema(model, decay):
     """An exponential moving average of the weights (PyTorch's own swa_utils, buffers included)."""
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -82,12 +82,7 @@ def make_diffusion(cfg, d):
                                             drop_text=drop)
         loss = out["loss"].mean()
         loop.check_finite(loss, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), t.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update_parameters(unet)
+        grad_norm = training.optimizer_step(loss, unet, opt, sched, ema, t.grad_clip)
         loop.bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
