@@ -114,15 +114,11 @@ def strata_of(attributes):
     return MODALITIES if {a.get("modality") for a in attributes} == set(MODALITIES) else ("all",)
 
 
-def run_models(run):
-    """The recorded configs and model names of a run: (target DataConfig from classifier.pt, pretraining
-    DataConfig from diffusion.pt, ["diffusion"] + ["aligned"] when aligned.pt exists)."""
+def require_prerequisites(run):
+    """One line naming the command to run when the run lacks what the report reads."""
     for name, make in (("classifier.pt", "python train.py --task classifier"), ("diffusion.pt", "python train.py")):
         if not os.path.exists(os.path.join(run, name)):
             raise UserError(f"no {run}/{name}: run `{make} --run {run}` (or `python align.py`, which makes it) first")
-    target_cfg = config_from_dict(load_checkpoint(os.path.join(run, "classifier.pt"))["config"]).data
-    base_cfg = config_from_dict(load_checkpoint(os.path.join(run, "diffusion.pt"))["config"]).data
-    return target_cfg, base_cfg, ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
 
 
 def fairness_report(cfg, device):
@@ -137,8 +133,11 @@ def fairness_report(cfg, device):
     reference images, as many as each model's held-out set, give the floor row: what a perfect model
     would score at this sample size."""
     run = cfg.run_dir
-    target_cfg, base_cfg, models = run_models(run)
+    require_prerequisites(run)
     classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), device)
+    base = load_checkpoint(os.path.join(run, "diffusion.pt"))
+    target_cfg, base_cfg = config_from_dict(ckpt["config"]).data, config_from_dict(base["config"]).data
+    models = ["diffusion"] + (["aligned"] if os.path.exists(os.path.join(run, "aligned.pt")) else [])
     if ckpt["classes"] != ["male", "female"]:
         raise UserError(f"the fairness report reads sex, but {run}/classifier.pt classifies {ckpt['classes']}")
     target = ckpt["target_shares"][1]
@@ -172,7 +171,7 @@ def fairness_report(cfg, device):
               "guidance": cfg.sample.guidance, "seed": cfg.run.seed, "bootstrap": cfg.eval.bootstrap,
               "images": {s: int(sum(c for p, c in zip(prompts, counts) if p["set"] == s))
                          for s in ("heldout", "named", "unseen")},
-              "data": {"pretrain": load_checkpoint(os.path.join(run, "diffusion.pt"))["data"], "target": ckpt["data"]},
+              "data": {"pretrain": base["data"], "target": ckpt["data"]},
               "reference": {"images": len(real_images), "subjects": sorted(set(real.groups)) if not phantom else [],
                             "source": "a fresh phantom target corpus (seed + 1)" if phantom else
                             "the subjects the subgroup classifier held out"},
