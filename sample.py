@@ -37,7 +37,7 @@ def main(argv=None):
     cfg = parse_config(argv, SECTIONS, description=__doc__)
     s = cfg.sample
     check_prompts(s.prompt, s.truncate)
-    sr = {"aug_level": s.sr_aug_level, "steps": s.sr_steps, "guidance": s.sr_guidance}
+    sr = {"aug_level": s.sr_aug_level, "steps": s.sr_steps, "guidance": s.sr_guidance, "keep_low": s.sr_keep_low}
     device = distributed.resolve_device(cfg.run.device)
     generator = load_generator(s.model, cfg.run_dir, device, s.truncate, s.stages, sr)
     if cfg.run.compile:

@@ -227,6 +227,9 @@ class SampleConfig:
     sr_steps: int = opt(20, "super-resolution stage: sampler steps", flag="--sr-sample-steps", ge=1)
     sr_guidance: float = opt(1.0, "super-resolution stage: classifier-free guidance scale", flag="--sr-guidance",
                              ge=0)
+    sr_keep_low: bool = opt(True, "super-resolution stage: keep the base image at its own scale (every step's "
+                                  "estimate box-filters back to it; --no-sr-keep-low lets the stage redraw it)",
+                            flag="--sr-keep-low")
 
 
 @dataclass

@@ -67,13 +67,14 @@ class TextToImage:
 class Cascade:
     """The base model, then the super-resolution stage: captions -> images [N, 1, size, size] in [-1, 1].
 
-    `sr` holds the SR stage's sampling settings: the fixed noise conditioning augmentation level
-    `aug_level`, `steps` and `guidance`. One generator seeded with `seed` draws the base samples and then
-    the SR stage's noise, so the same seed gives the same images and the two stages never share noise."""
+    `sr` holds the SR stage's sampling settings (`cascade.super_resolve`): the fixed noise conditioning
+    augmentation level `aug_level`, `steps`, `guidance` and `keep_low`. One generator seeded with `seed` draws
+    the base samples and then the SR stage's noise, so the same seed gives the same images and the two stages
+    never share noise."""
 
-    def __init__(self, base, sr_unet, sr_diffusion, size, aug_level=0.1, steps=20, guidance=1.0):
+    def __init__(self, base, sr_unet, sr_diffusion, size, aug_level=0.1, steps=20, guidance=1.0, keep_low=True):
         self.base, self.sr_unet, self.sr_diffusion, self.image_size = base, sr_unet, sr_diffusion, size
-        self.sr = {"aug_level": aug_level, "steps": steps, "guidance": guidance}
+        self.sr = {"aug_level": aug_level, "steps": steps, "guidance": guidance, "keep_low": keep_low}
 
     @property
     def unet(self):
@@ -98,7 +99,8 @@ class Cascade:
         high = super_resolve(self.sr_unet, low.to(self.device), states, mask, pooled, size=self.image_size,
                              aug_level=self.sr["aug_level"], steps=self.sr["steps"], sampler=sampler, eta=eta,
                              guidance=self.sr["guidance"], prediction=d.prediction, schedule=d.schedule,
-                             threshold=d.dynamic_threshold, generator=g, batch_size=batch_size).cpu()
+                             threshold=d.dynamic_threshold, generator=g, batch_size=batch_size,
+                             keep_low=self.sr["keep_low"]).cpu()
         return (low, high) if return_base else high
 
 

@@ -16,7 +16,13 @@ classifier trained on target images at the final resolution (cached as <run>/sex
 calibrated on held-out subjects) reads the female share of the cascade's images; the base classifier
 (the run's classifier.pt when it is a sex classifier, else one trained alike at the base size) reads the
 base images of the same samples. Each share comes with its binomial standard error, and the two with a
-two-proportion z-test: the SR stage must not move the share beyond sampling error.
+two-proportion z-test: the SR stage must not move the share beyond sampling error. The two readings are of
+the same samples, so McNemar's exact test on the samples whose reading changed is reported beside it (the
+paired test, more sensitive than the two-proportion one).
+
+And the anatomy itself, not only what two classifiers say: the head area (`morphometry.head_area`, the
+phantom's only sex-linked trait) of each base image and of its cascade output, their mean paired change
+beside the real female-male difference at the final size.
 """
 import dataclasses
 import json
@@ -37,6 +43,7 @@ from minimedi.data.pairs import load_heldout_pairs
 from minimedi.errors import UserError, run_main
 from minimedi.imageio import save_grid
 from minimedi.metrics import fid
+from minimedi.morphometry import head_area
 from minimedi.pipeline import Cascade, load_generator
 from minimedi.resize import bicubic_baseline, downsample
 
@@ -104,6 +111,33 @@ def two_proportion_test(a, b):
     return {"z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
 
 
+def mcnemar_test(before, after):
+    """McNemar's exact test of H0: a change of reading is as likely either way, on the same samples' p(female)
+    before and after: the counts of female -> male and male -> female, and the two-sided p-value (binomial
+    with p = 1/2 on the changed samples)."""
+    was, now = before > 0.5, after > 0.5
+    f_to_m, m_to_f = int((was & ~now).sum()), int((~was & now).sum())
+    n, k = f_to_m + m_to_f, min(f_to_m, m_to_f)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n if n else 1.0
+    return {"female_to_male": f_to_m, "male_to_female": m_to_f, "p_value": min(1.0, 2 * tail)}
+
+
+def head_area_change(low, high, sex_gap):
+    """The head area (share of the image) of the base images and of their outputs: means, the mean paired
+    change with its standard error, and `sex_gap`, the real male - female difference, for scale."""
+    a, b = head_area(low.float()), head_area(high.float())
+    change = b - a
+    return {"base": a.mean().item(), "final": b.mean().item(), "change": change.mean().item(),
+            "change_se": (change.std() / math.sqrt(len(change))).item(), "sex_gap": sex_gap}
+
+
+def real_sex_gap(data_cfg, size, n):
+    """Mean head area of real male minus real female target slices at `size` px (n of them)."""
+    corpus = load_target_corpus(dataclasses.replace(data_cfg, image_size=size, n_target=n))
+    area, female = head_area(corpus.images.float()), subgroup_labels(corpus.attributes, "sex") == 1
+    return (area[~female].mean() - area[female].mean()).item()
+
+
 def quality(images, low, reference_features, classifier):
     return {"fid": fid(features_and_p_female(classifier, images)[0], reference_features),
             "consistency": consistency(images, low)}
@@ -121,8 +155,8 @@ def evaluate_pairs(cascade, low, high, reference, captions, classifiers, seed):
         sr = super_resolve(cascade.sr_unet, low.float().to(cascade.device), states, mask, pooled,
                            size=cascade.image_size, aug_level=cascade.sr["aug_level"], steps=cascade.sr["steps"],
                            guidance=cascade.sr["guidance"], prediction=d.prediction, schedule=d.schedule,
-                           threshold=d.dynamic_threshold, generator=torch.Generator(cascade.device).manual_seed(seed)
-                           ).cpu()
+                           threshold=d.dynamic_threshold, generator=torch.Generator(cascade.device).manual_seed(seed),
+                           keep_low=cascade.sr["keep_low"]).cpu()
     size = cascade.image_size
     shares = {"low": female_share(features_and_p_female(base_cls, low)[1]),
               "real": female_share(features_and_p_female(classifier, high)[1]),
@@ -134,18 +168,21 @@ def evaluate_pairs(cascade, low, high, reference, captions, classifiers, seed):
             "real": quality(high, low, reference_features, classifier), "female_share": shares}, sr
 
 
-def evaluate_cascade(cascade, prompts, steps, guidance, seed, reference, classifiers):
-    """The cascade from text: quality of its images and of the bicubic-upsampled base images, and the
-    female share each classifier reads at its own resolution; returns (metrics, base images, final images)."""
+def evaluate_cascade(cascade, prompts, steps, guidance, seed, reference, classifiers, sex_gap):
+    """The cascade from text: quality of its images and of the bicubic-upsampled base images, the female
+    share each classifier reads at its own resolution, and the head areas before and after; returns
+    (metrics, base images, final images)."""
     low, high = cascade(prompts, steps=steps, guidance=guidance, seed=seed, return_base=True)
     base_cls, final_cls = classifiers
     reference_features = features_and_p_female(final_cls, reference)[0]
-    base_share = female_share(features_and_p_female(base_cls, low)[1])
-    final_share = female_share(features_and_p_female(final_cls, high)[1])
+    p_base, p_final = features_and_p_female(base_cls, low)[1], features_and_p_female(final_cls, high)[1]
+    base_share, final_share = female_share(p_base), female_share(p_final)
     return {"sr": quality(high, low, reference_features, final_cls),
             "bicubic": quality(bicubic_baseline(low, cascade.image_size), low, reference_features, final_cls),
             "female_share": {"base": base_share, "cascade": final_share,
-                             "test": two_proportion_test(base_share, final_share)}}, low, high
+                             "test": two_proportion_test(base_share, final_share),
+                             "paired": mcnemar_test(p_base, p_final)},
+            "head_area": head_area_change(low, high, sex_gap)}, low, high
 
 
 def sr_report(cfg, device):
@@ -157,7 +194,7 @@ def sr_report(cfg, device):
     sr_ckpt = load_checkpoint(path)
     data_cfg = config_from_dict(sr_ckpt["config"]).data
     low_size, size = sr_ckpt["architecture"]["data"]["image_size"], sr_ckpt["architecture"]["sr"]["size"]
-    settings = {"aug_level": s.sr_aug_level, "steps": s.sr_steps, "guidance": s.sr_guidance}
+    settings = {"aug_level": s.sr_aug_level, "steps": s.sr_steps, "guidance": s.sr_guidance, "keep_low": s.sr_keep_low}
     models = [m for m in ("diffusion", "aligned") if os.path.exists(os.path.join(run, f"{m}.pt"))]
     cascades = {m: load_generator(m, run, device, stages="all", sr=settings) for m in models}
     if "diffusion" not in cascades or not isinstance(cascades["diffusion"], Cascade):
@@ -174,9 +211,10 @@ def sr_report(cfg, device):
     prompts = [p["prompt"] for p in evaluation_prompts()]
     prompts = [prompts[i % len(prompts)] for i in range(e.n)]
     grid = [upsample_nearest(low[:8], size), bicubic_baseline(low[:8], size), sr_images[:8], high[:8]]
+    sex_gap = real_sex_gap(data_cfg, size, e.features)
     for model, cascade in cascades.items():
         report[model], base, final = evaluate_cascade(cascade, prompts, e.steps, s.guidance, cfg.run.seed, reference,
-                                                      (base_cls, final_cls))
+                                                      (base_cls, final_cls), sex_gap)
         grid += [upsample_nearest(base[:8], size), final[:8]]
     save_grid(torch.cat(grid), os.path.join(run, "sr_samples.png"), nrow=8)
     return report
@@ -203,7 +241,8 @@ def markdown(report):
 
     lines = [f"# Super-resolution stage: {low} px -> {size} px", "",
              f"{r['n']} images each; SR: noise augmentation level {r['sr_settings']['aug_level']}, "
-             f"{r['sr_settings']['steps']} steps, guidance {r['sr_settings']['guidance']}; base model: "
+             f"{r['sr_settings']['steps']} steps, guidance {r['sr_settings']['guidance']}, "
+             f"{'keeping' if r['sr_settings']['keep_low'] else 'free to redraw'} the base image; base model: "
              f"{r['base_steps']} DDIM steps, guidance {r['guidance']}. FID in the features of a sex classifier "
              f"trained on {size} px target images; consistency = RMS of downsample(x) - x_low per image "
              f"(mean ± s.e.).", "", "## Held-out real pairs", "",
@@ -220,13 +259,18 @@ def markdown(report):
     for model in ("diffusion", "aligned"):
         if model not in r:
             continue
-        m, share = r[model], r[model]["female_share"]
+        m, share, area = r[model], r[model]["female_share"], r[model]["head_area"]
         lines += ["", f"## The cascade from text ({model} base)", "", "| images | FID | consistency |",
                   "|---|---|---|", row("cascade", m["sr"]), row("base + bicubic", m["bicubic"]), "",
                   "| female share | read by | share ± s.e. |", "|---|---|---|",
                   share_row(f"base images ({low} px)", "base classifier", share["base"]),
                   share_row(f"cascade images ({size} px)", f"{size} px classifier", share["cascade"]), "",
-                  f"Two-proportion test: {test(share['test'])}."]
+                  f"Two-proportion test: {test(share['test'])}. Paired (McNemar, the same samples): "
+                  f"{share['paired']['female_to_male']} read female -> male, {share['paired']['male_to_female']} "
+                  f"male -> female, p = {share['paired']['p_value']:.3f}.", "",
+                  f"Head area (share of the image): base {area['base']:.4f}, cascade {area['final']:.4f}, mean "
+                  f"paired change {area['change']:+.4f} ± {area['change_se']:.4f} (real male - female: "
+                  f"{area['sex_gap']:.4f})."]
     return "\n".join(lines) + "\n"
 
 

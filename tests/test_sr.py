@@ -283,18 +283,36 @@ def test_trained_sr_outputs_downsample_to_their_inputs():
     low = corpus.images()
     with torch.no_grad():
         out = super_resolve(unet, low, *text(16).values(), size=HIGH, aug_level=0.0, steps=8,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0), keep_low=False)
         untrained = super_resolve(tiny_sr(wake=False).eval(), low, *text(16).values(), size=HIGH, aug_level=0.0,
-                                  steps=8, generator=torch.Generator().manual_seed(0))
+                                  steps=8, generator=torch.Generator().manual_seed(0), keep_low=False)
 
     def consistency(x):
         return (downsample(x, LOW) - low).square().mean().sqrt().item()
 
-    # An untrained network draws noise (its outputs are as far from the inputs as random images are); the
-    # trained one keeps much of the low-resolution image.
+    # Left free to redraw the input (keep_low=False), an untrained network draws noise (its outputs are as far
+    # from the inputs as random images are); the trained one keeps much of the low-resolution image.
     noise = torch.rand(16, 1, HIGH, HIGH, generator=torch.Generator().manual_seed(1)) * 2 - 1
     assert consistency(untrained) > 0.8 * consistency(noise)
     assert consistency(out) < 0.5 * consistency(noise)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp2m"])
+def test_keeping_the_base_image_makes_every_output_box_filter_to_its_input(sampler):
+    """Even a network that draws noise (untrained, awake) gives images whose box filter is the base image, at
+    the noise augmentation level that tells it to ignore its input; free to redraw, the same network strays."""
+    low = PhantomCorpus(4, LOW, 0.5, seed=3).images()
+    unet = tiny_sr().eval()
+
+    def run(keep_low):
+        with torch.no_grad():
+            return super_resolve(unet, low, *text(4).values(), size=HIGH, aug_level=0.5, steps=4, sampler=sampler,
+                                 generator=torch.Generator().manual_seed(0), keep_low=keep_low)
+
+    kept, free = run(True), run(False)
+    assert kept.abs().max() <= 1
+    assert (downsample(kept, LOW) - low).square().mean().sqrt() < 0.05
+    assert (downsample(free, LOW) - low).square().mean().sqrt() > 0.2
 
 
 @pytest.mark.slow
@@ -312,7 +330,7 @@ def test_trained_sr_beats_bicubic_on_fid_at_the_final_size():
     reference = features_and_p_female(classifier, held.images(range(48, 96), size=HIGH))[0]
     with torch.no_grad():
         out = super_resolve(unet, low, *text(48).values(), size=HIGH, aug_level=0.0, steps=20,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0), keep_low=False)
 
     def fid_of(images):
         return fid(features_and_p_female(classifier, images)[0], reference)

@@ -27,13 +27,19 @@ def test_the_report_files_and_their_numbers(evaluated):
     pairs, cascade = report["pairs"], report["diffusion"]
     for q in (pairs["sr"], pairs["bicubic"], pairs["real"], cascade["sr"], cascade["bicubic"]):
         assert math.isfinite(q["fid"]) and q["consistency"]["mean"] >= 0
-    # two renders of a slice differ by their MR noise only; a 4-step SR stage strays much further
-    assert report["pairs"]["real"]["consistency"]["mean"] < 0.1 < report["pairs"]["sr"]["consistency"]["mean"]
+    # bicubic and two renders of a slice differ by their MR noise only; the SR stage keeps the base image, so
+    # even after 4 training steps its outputs box-filter back to their inputs closer than that
+    assert report["pairs"]["sr"]["consistency"]["mean"] < report["pairs"]["real"]["consistency"]["mean"] < 0.1
     control = report["pairs"]["female_share"]
     assert control["low"]["n"] == control["real"]["n"] == control["sr"]["n"] == 8
     assert 0 <= control["test_real"]["p_value"] <= 1 and 0 <= control["test_sr"]["p_value"] <= 1
     share = report["diffusion"]["female_share"]
     assert share["base"]["n"] == share["cascade"]["n"] == 8 and 0 <= share["test"]["p_value"] <= 1
+    paired = share["paired"]
+    assert paired["female_to_male"] + paired["male_to_female"] <= 8 and 0 <= paired["p_value"] <= 1
+    # the SR stage keeps the base image (the default), so it cannot move the head by more than a pixel's rim
+    area = report["diffusion"]["head_area"]
+    assert 0 <= area["base"] <= 1 and abs(area["change"]) < 0.05 and area["sex_gap"] > 0
     assert "aligned" not in report  # the run has no aligned.pt
 
 
@@ -49,6 +55,17 @@ def test_female_share_and_the_two_proportion_test():
     far = sr_eval.two_proportion_test(sr_eval.female_share(torch.full((100,), 0.9)),
                                       sr_eval.female_share(torch.cat([torch.full((50,), 0.9), torch.zeros(50)])))
     assert same == {"z": 0.0, "p_value": 1.0} and far["z"] > 5 and far["p_value"] < 1e-6
+
+
+def test_mcnemar_counts_the_changed_readings_and_gives_the_exact_binomial_p_value():
+    before = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.1, 0.8, 0.2])
+    after = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9, 0.8, 0.2])
+    # 7 female -> male, 1 male -> female: p = 2 * P(Bin(8, 1/2) <= 1) = 2 * 9 / 256
+    assert sr_eval.mcnemar_test(before, after) == {"female_to_male": 7, "male_to_female": 1, "p_value": 18 / 256}
+    assert sr_eval.mcnemar_test(before, before)["p_value"] == 1.0
+    flipped = sr_eval.mcnemar_test(before, 1 - before)  # every reading changes: 8 one way, 2 the other
+    assert (flipped["female_to_male"], flipped["male_to_female"]) == (8, 2)
+    assert flipped["p_value"] == 2 * (1 + 10 + 45) / 1024
 
 
 def test_consistency_is_zero_for_an_image_whose_box_filter_is_the_input():
