@@ -130,6 +130,9 @@ class SRConfig:
     crop: int = opt(64, "super-resolution stage: training crop side (0 = the whole image)", flag="--sr-crop", ge=0)
     n: int = opt(2000, "super-resolution stage: training pairs (the first n of the pretraining data)",
                  flag="--sr-n", ge=1)
+    pairs: str = opt("pretrain", "super-resolution stage: the corpus its pairs come from: the base model's "
+                     "pretraining data, or the target data (--target; its subgroup mix is the one alignment aims at)",
+                     flag="--sr-pairs", choices=("pretrain", "target"))
     dim: int = opt(16, "super-resolution UNet: channel width at the output resolution", flag="--sr-dim", ge=1)
     dim_mults: tuple = opt((2, 4, 4), "super-resolution UNet: width multiplier per level (each level halves the "
                            "side first)", flag="--sr-dim-mults", ge=1)

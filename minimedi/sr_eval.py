@@ -158,9 +158,9 @@ def evaluate_pairs(cascade, low, high, reference, captions, classifiers, seed):
                            threshold=d.dynamic_threshold, generator=torch.Generator(cascade.device).manual_seed(seed),
                            keep_low=cascade.sr["keep_low"]).cpu()
     size = cascade.image_size
-    shares = {"low": female_share(features_and_p_female(base_cls, low)[1]),
-              "real": female_share(features_and_p_female(classifier, high)[1]),
-              "sr": female_share(features_and_p_female(classifier, sr)[1])}
+    p_real, p_sr = features_and_p_female(classifier, high)[1], features_and_p_female(classifier, sr)[1]
+    shares = {"low": female_share(features_and_p_female(base_cls, low)[1]), "real": female_share(p_real),
+              "sr": female_share(p_sr), "paired_sr": mcnemar_test(p_real, p_sr)}
     shares["test_real"] = two_proportion_test(shares["low"], shares["real"])
     shares["test_sr"] = two_proportion_test(shares["low"], shares["sr"])
     return {"sr": quality(sr, low, reference_features, classifier),
@@ -255,7 +255,9 @@ def markdown(report):
               share_row(f"real images ({size} px)", f"{size} px classifier", pairs["real"]),
               share_row(f"SR of the inputs ({size} px)", f"{size} px classifier", pairs["sr"]), "",
               f"Two-proportion tests against the inputs' share: real {test(pairs['test_real'])}, "
-              f"SR {test(pairs['test_sr'])}."]
+              f"SR {test(pairs['test_sr'])}. Paired, the {size} px classifier on the real image and on the SR of "
+              f"its input (McNemar): {pairs['paired_sr']['female_to_male']} female -> male, "
+              f"{pairs['paired_sr']['male_to_female']} male -> female, p = {pairs['paired_sr']['p_value']:.3f}."]
     for model in ("diffusion", "aligned"):
         if model not in r:
             continue

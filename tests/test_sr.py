@@ -16,7 +16,8 @@ from minimedi.classifier import subgroup_labels, train_classifier
 from minimedi.config import ClassifierConfig, make_config
 from minimedi.data.images import DataWarning
 from minimedi.data.pairs import load_sr_pairs
-from minimedi.data.phantom import PhantomCorpus
+from minimedi.data.load import load_target_corpus
+from minimedi.data.phantom import PhantomCorpus, target_corpus
 from minimedi.data.roco import ROCO
 from minimedi.errors import UserError
 from minimedi.metrics import fid
@@ -24,6 +25,7 @@ from minimedi.resize import bicubic_baseline, downsample, downsampled_pairs, ups
 from minimedi.sr_eval import features_and_p_female
 from minimedi.sr_unet import SRUNet, check_sr_config
 from minimedi.unet import UNet, token_mask
+from tests.test_brats import make_tree as make_brats_tree
 from tests.test_roco import make_roco
 
 TEXT_DIM, POOLED_DIM = 24, 20
@@ -117,6 +119,28 @@ def test_phantom_pairs_are_renders_of_the_same_slices_at_both_sizes():
     # ... and much closer than to another slice, or than bicubic is to the high-resolution render.
     assert consistent < 0.5 * rms(downsample(high.float(), 16), low.roll(1, 0))
     assert rms(bicubic_baseline(low.float(), 64), high) > 2 * consistent
+
+
+def test_target_pairs_are_renders_of_the_target_corpus_at_both_sizes():
+    cfg = make_config("tiny").data
+    low, high, captions = load_sr_pairs(cfg, 64, 12, source="target")
+    corpus = target_corpus(cfg)
+    assert torch.equal(low, corpus.images(range(12)).half()) and high.shape == (12, 1, 64, 64)
+    assert torch.equal(high, target_corpus(dataclasses.replace(cfg, image_size=64)).images(range(12)).half())
+    assert captions == [corpus.caption(i) for i in range(12)]
+    assert not torch.equal(low, load_sr_pairs(cfg, 64, 12)[0])  # not the pretraining slices
+
+
+def test_brats_target_pairs_are_the_slices_at_the_final_size_and_their_box_filter(tmp_path):
+    root, labels = make_brats_tree(tmp_path)
+    cfg = dataclasses.replace(make_config("tiny").data, target=f"brats:{root}", labels=str(labels), image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        low, high, captions = load_sr_pairs(cfg, 32, 5, source="target")
+        corpus = load_target_corpus(dataclasses.replace(cfg, image_size=32))
+    assert high.shape == (5, 1, 32, 32) and low.shape == (5, 1, 8, 8) and captions == corpus.captions[:5]
+    assert torch.equal(high, corpus.images[:5].half())
+    torch.testing.assert_close(low.float(), downsample(corpus.images[:5].float(), 8), atol=1e-3, rtol=0)
 
 
 def test_real_pairs_are_the_real_images_and_their_box_filter(tmp_path):

@@ -33,6 +33,7 @@ def test_the_report_files_and_their_numbers(evaluated):
     control = report["pairs"]["female_share"]
     assert control["low"]["n"] == control["real"]["n"] == control["sr"]["n"] == 8
     assert 0 <= control["test_real"]["p_value"] <= 1 and 0 <= control["test_sr"]["p_value"] <= 1
+    assert 0 <= control["paired_sr"]["p_value"] <= 1
     share = report["diffusion"]["female_share"]
     assert share["base"]["n"] == share["cascade"]["n"] == 8 and 0 <= share["test"]["p_value"] <= 1
     paired = share["paired"]

@@ -7,11 +7,13 @@ exist at one resolution: they are loaded at the final size and the low half is t
 (`resize.downsampled_pairs`; the base model's own images were resized from the originals by Pillow's
 antialiased bicubic, a slightly sharper filter, which noise conditioning augmentation absorbs).
 """
+import dataclasses
+
 import torch
 from torch.utils.data import Subset
 
-from minimedi.data.load import materialize
-from minimedi.data.phantom import PhantomCorpus, pretraining_corpus
+from minimedi.data.load import load_target_corpus, materialize
+from minimedi.data.phantom import PhantomCorpus, pretraining_corpus, target_corpus
 from minimedi.data.roco import ROCO, ROCOv2
 from minimedi.errors import UserError
 from minimedi.resize import downsampled_pairs
@@ -20,9 +22,12 @@ REAL_CORPORA = {"roco": ROCO, "rocov2": ROCOv2}
 HELDOUT_SPLITS = {"roco": "validation", "rocov2": "valid"}
 
 
-def load_sr_pairs(data_cfg, size, n):
+def load_sr_pairs(data_cfg, size, n, source="pretrain"):
     """(low float16 [N, 1, s, s], high float16 [N, 1, size, size], captions [N]) for the first N = min(n, corpus)
-    items of the pretraining data `--data`, with s = data_cfg.image_size (the base model's side)."""
+    items of the pretraining data `--data` (source "pretrain") or of the target data `--target` ("target"),
+    with s = data_cfg.image_size (the base model's side)."""
+    if source == "target":
+        return _target_pairs(data_cfg, size, n)
     kind, _, path = data_cfg.pretrain.partition(":")
     if kind == "phantom":
         corpus = pretraining_corpus(data_cfg)
@@ -43,6 +48,17 @@ def load_heldout_pairs(data_cfg, size, n):
         return corpus.images().to(torch.float16), corpus.images(size=size).to(torch.float16), \
             [corpus.caption(i) for i in range(n)]
     return _real_pairs(data_cfg, size, n, HELDOUT_SPLITS.get(kind, "train"))
+
+
+def _target_pairs(data_cfg, size, n):
+    if data_cfg.target.partition(":")[0] == "phantom":
+        corpus = target_corpus(data_cfg)
+        ids = range(min(n, len(corpus)))
+        return corpus.images(ids).to(torch.float16), corpus.images(ids, size=size).to(torch.float16), \
+            [corpus.caption(i) for i in ids]
+    corpus = load_target_corpus(dataclasses.replace(data_cfg, image_size=size))
+    low, high = downsampled_pairs(corpus.images[:n], data_cfg.image_size)
+    return low.to(torch.float16), high.to(torch.float16), corpus.captions[:n]
 
 
 def _real_pairs(data_cfg, size, n, split):

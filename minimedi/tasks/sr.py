@@ -53,7 +53,7 @@ def make_sr(cfg, d):
                             "diffusion": config_to_dict(base_cfg)["diffusion"]})
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"), d.main)
     encoder = load_text_encoder(base["text"]["clip"], cfg.run_dir, d.device, truncate=True)
-    low, high, captions = load_sr_pairs(cfg.data, s.size, s.n)
+    low, high, captions = load_sr_pairs(cfg.data, s.size, s.n, s.pairs)
     cache = CaptionCache(encoder, captions)
     torch.manual_seed(cfg.run.seed)
     unet = SRUNet(s, *encoder.dims).to(d.device)
@@ -61,7 +61,7 @@ def make_sr(cfg, d):
     opt = torch.optim.AdamW(unet.parameters(), lr=s.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: training.warmup_cosine(k, t.warmup, s.steps))
     g = torch.Generator().manual_seed(cfg.run.seed)  # the global batch: identical on every rank
-    data = {"pairs": len(low), "low_size": low_size, "size": s.size, "corpus": base.get("data", {})}
+    data = {"pairs": len(low), "source": s.pairs, "low_size": low_size, "size": s.size, "corpus": base.get("data", {})}
 
     def record():
         return {"model": unet.state_dict(), "ema": ema.module.state_dict(), "config": config_to_dict(cfg),
