@@ -141,9 +141,14 @@ class SubgroupClassifier(nn.Module):
 
 # ---- augmentation ------------------------------------------------------------------------------------
 
-def augment(images, generator, max_shift=2, gain=0.1, noise=0.05):
+def augment(images, generator, max_shift=2, gain=0.1, noise=0.05, blur=0.0):
     """Random shifts (up to `max_shift` px, background-filled), horizontal flips, an intensity gain about
-    the background level -1, and Gaussian noise of a random std up to `noise`; from `generator`."""
+    the background level -1, and Gaussian noise of a random std up to `noise`; from `generator`. With
+    blur > 0, first a 3 x 3 box blur mixed in at a weight ~ U[0, blur] per image: a classifier that must read
+    generated images (smoother than real ones) then cannot take sharpness for a subgroup cue."""
+    if blur:
+        w = blur * torch.rand(images.shape[0], 1, 1, 1, generator=generator).to(images)
+        images = torch.lerp(images, F.avg_pool2d(F.pad(images, (1,) * 4, mode="replicate"), 3, 1), w)
     n, _, h, w = images.shape
     padded = F.pad(images, (max_shift,) * 4, value=-1.0)
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).tolist()
@@ -253,11 +258,11 @@ def classifier_optimizer(model, cfg):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
 
 
-def classifier_step(model, opt, schedule, images, labels, train, batch, generator, device):
+def classifier_step(model, opt, schedule, images, labels, train, batch, generator, device, blur=0.0):
     """One AdamW step on an augmented random batch of the training ids; returns the loss."""
     model.train()
     ids = train[torch.randint(len(train), (batch,), generator=generator)]
-    x = augment(images[ids], generator).to(device)
+    x = augment(images[ids], generator, blur=blur).to(device)
     loss = F.cross_entropy(model(x), labels[ids].to(device))
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -288,7 +293,7 @@ def train_classifier(images, labels, cfg, device="cpu", log=None, generator=None
     model = SubgroupClassifier(len(SUBGROUP_CLASSES[cfg.subgroup]), cfg.width, images.shape[1], cfg.arch).to(device)
     opt, schedule = classifier_optimizer(model, cfg)
     for step in tqdm(range(cfg.steps), desc="classifier", leave=False, disable=None):
-        loss = classifier_step(model, opt, schedule, images, labels, train, cfg.batch, generator, device)
+        loss = classifier_step(model, opt, schedule, images, labels, train, cfg.batch, generator, device, cfg.blur)
         if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
             log(task="classifier", step=step, loss=loss.item())
     metrics = calibrate(model, images, labels, val, device)

@@ -51,13 +51,14 @@ SECTIONS = ("run", "sample", "sr_eval")
 
 
 def sex_classifier(run_dir, data_cfg, size, e, seed, device):
-    """A calibrated sex classifier trained on the target corpus rendered (or loaded) at `size` px, cached as
-    <run>/sex<size>.pt; returns (model, its held-out metrics)."""
+    """A calibrated sex classifier trained on the target corpus rendered (or loaded) at `size` px, with blur
+    augmentation, cached as <run>/sex<size>.pt (retrained when its settings change); returns (model, its
+    held-out metrics)."""
     path = os.path.join(run_dir, f"sex{size}.pt")
-    if not os.path.exists(path):
+    c = ClassifierConfig(subgroup="sex", width=e.feature_width, steps=e.feature_steps, batch=32, blur=e.feature_blur)
+    if not os.path.exists(path) or load_checkpoint(path)["config"]["classifier"] != dataclasses.asdict(c):
         print(f"training the {size} px sex classifier on {e.features} target images -> {path}")
         corpus = load_target_corpus(dataclasses.replace(data_cfg, image_size=size, n_target=e.features))
-        c = ClassifierConfig(subgroup="sex", width=e.feature_width, steps=e.feature_steps, batch=32)
         torch.manual_seed(seed)
         model, metrics = train_classifier(corpus.images.float(), subgroup_labels(corpus.attributes, "sex"), c,
                                           device, generator=torch.Generator().manual_seed(seed),

@@ -47,7 +47,7 @@ def make_classifier(cfg, d):
     loop = training.TrainLoop(path, c.steps, {"model": model, "optimizer": opt, "scheduler": schedule, "batches": g},
                               record, cfg.train.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="classifier")
     for step in loop:
-        loss = classifier_step(model, opt, schedule, images, labels, train, c.batch, g, d.device)
+        loss = classifier_step(model, opt, schedule, images, labels, train, c.batch, g, d.device, c.blur)
         loop.check_finite(loss, step)
         if step % cfg.train.log_every == 0 or step == c.steps - 1:
             log(task="classifier", step=step, loss=loss)
