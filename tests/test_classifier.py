@@ -1,4 +1,5 @@
 """The subgroup classifier: it learns, its calibration is measured and fixed correctly, labels map right."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,24 @@ def test_augmentation_is_seeded_and_keeps_the_background():
     plain = augment(images, torch.Generator().manual_seed(1), max_shift=0, gain=0.0, noise=0.0)
     for x, y in zip(images, plain):  # what is left is a horizontal flip or nothing, never a vertical one
         assert torch.allclose(y, x, atol=1e-6) or torch.allclose(y, x.flip(-1), atol=1e-6)
+
+
+def test_blur_augmentation_mixes_in_the_3x3_mean_of_each_pixel():
+    images, _ = disks(6, seed=0)
+    out = augment(images, torch.Generator().manual_seed(2), max_shift=0, gain=0.0, noise=0.0, blur=1.0)
+    # an independent 3 x 3 mean with the edge pixels repeated, per pixel
+    padded = np.pad(images.numpy()[:, 0], ((0, 0), (1, 1), (1, 1)), mode="edge")
+    mean = sum(padded[:, i:i + 16, j:j + 16] for i in range(3) for j in range(3)) / 9
+    weights = []
+    for x, y, m in zip(images[:, 0].numpy(), out[:, 0].numpy(), mean):
+        for candidate in (y, y[:, ::-1]):  # undo the flip, if there was one
+            w = ((candidate - x) * (m - x)).sum() / ((m - x) ** 2).sum()  # the mixing weight, by least squares
+            if np.allclose(candidate, x + w * (m - x), atol=1e-5):
+                weights.append(w)
+                break
+        else:
+            raise AssertionError("an augmented image is not the image mixed with its 3 x 3 mean")
+    assert 0 <= min(weights) and max(weights) <= 1 and max(weights) - min(weights) > 0.2  # drawn per image
 
 
 def test_bad_training_input_is_a_user_error():
