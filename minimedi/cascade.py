@@ -21,8 +21,8 @@ super-resolution denoiser. Every random number comes from the caller's generator
 
 Keeping the base image (`keep_low_frequencies`, on by default). Told that its input is noisy, the stage may
 redraw it, and it does at every scale: without the projection the default stage's outputs, box-filtered back
-to 32 px, were 0.107 RMS from the base samples (two renders of one slice differ by 0.055), enough to flip
-one in seven base samples the base sex classifier read as female (measured on 96 samples; README). So each
+to 32 px, were 0.107 RMS from the base samples (two renders of one slice differ by 0.055), and the base sex
+classifier read 0.167 of them as female against 0.302 of the base samples (96 samples; README). So each
 step's x0_hat is projected onto the images whose box filter is the base sample,
 
     x0_hat <- x0_hat + upsample(x_low - downsample(x0_hat))      (repeated: bicubic up is not down's inverse)
@@ -88,7 +88,8 @@ def keep_low_frequencies(denoise, low, passes=4):
     Each pass adds the bicubic upsampling of what the box filter still misses, then clamps to the image
     range: alternating projections onto the two sets (POCS, Youla & Webb 1982), which meet, since the
     nearest-neighbour enlargement of `low` lies in both. A trained stage is close to consistent already, so
-    its residual after four passes is far under a grey level; even an untrained network's is under 0.05 RMS.
+    its residual after four passes is under a grey level (0.002-0.003 RMS measured); even an untrained
+    network's is under 0.05.
     """
     def projected(x, log_snr):
         x0_hat = denoise(x, log_snr)
