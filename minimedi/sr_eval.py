@@ -50,23 +50,27 @@ from minimedi.resize import bicubic_baseline, downsample
 SECTIONS = ("run", "sample", "sr_eval")
 
 
-def sex_classifier(run_dir, data_cfg, size, e, seed, device):
-    """A calibrated sex classifier trained on the target corpus rendered (or loaded) at `size` px, with blur
-    augmentation, cached as <run>/sex<size>.pt (retrained when its settings change); returns (model, its
-    held-out metrics)."""
+def sex_classifier(run_dir, corpus, size, e, seed, device):
+    """A calibrated sex classifier trained on `corpus`, target images at `size` px, with blur augmentation,
+    cached as <run>/sex<size>.pt (retrained when its settings change); returns (model, its held-out metrics)."""
     path = os.path.join(run_dir, f"sex{size}.pt")
     c = ClassifierConfig(subgroup="sex", width=e.feature_width, steps=e.feature_steps, batch=32, blur=e.feature_blur)
-    if not os.path.exists(path) or load_checkpoint(path)["config"]["classifier"] != dataclasses.asdict(c):
-        print(f"training the {size} px sex classifier on {e.features} target images -> {path}")
-        corpus = load_target_corpus(dataclasses.replace(data_cfg, image_size=size, n_target=e.features))
-        torch.manual_seed(seed)
-        model, metrics = train_classifier(corpus.images.float(), subgroup_labels(corpus.attributes, "sex"), c,
-                                          device, generator=torch.Generator().manual_seed(seed),
-                                          groups=corpus.groups)
-        save_checkpoint(path, {"model": model.state_dict(), "config": {"classifier": dataclasses.asdict(c)},
-                               "classes": ["male", "female"], "metrics": metrics, "size": size})
-    model, ckpt = load_classifier(path, device)
-    return model, ckpt["metrics"]
+    if os.path.exists(path):
+        model, ckpt = load_classifier(path, device)
+        if ckpt["config"]["classifier"] == dataclasses.asdict(c):
+            return model, ckpt["metrics"]
+    print(f"training the {size} px sex classifier on {len(corpus.images)} target images -> {path}")
+    torch.manual_seed(seed)
+    model, metrics = train_classifier(corpus.images.float(), subgroup_labels(corpus.attributes, "sex"), c, device,
+                                      generator=torch.Generator().manual_seed(seed), groups=corpus.groups)
+    save_checkpoint(path, {"model": model.state_dict(), "config": {"classifier": dataclasses.asdict(c)},
+                           "classes": ["male", "female"], "metrics": metrics, "size": size})
+    return model.requires_grad_(False), metrics
+
+
+def target_at(data_cfg, size, n):
+    """The first n target images (and labels) at `size` px."""
+    return load_target_corpus(dataclasses.replace(data_cfg, image_size=size, n_target=n))
 
 
 def base_sex_classifier(run_dir, data_cfg, low_size, e, seed, device):
@@ -75,7 +79,7 @@ def base_sex_classifier(run_dir, data_cfg, low_size, e, seed, device):
     if os.path.exists(path) and load_checkpoint(path)["classes"] == ["male", "female"]:
         model, ckpt = load_classifier(path, device)
         return model, ckpt.get("metrics", {})
-    return sex_classifier(run_dir, data_cfg, low_size, e, seed, device)
+    return sex_classifier(run_dir, target_at(data_cfg, low_size, e.features), low_size, e, seed, device)
 
 
 @torch.no_grad()
@@ -132,9 +136,8 @@ def head_area_change(low, high, sex_gap):
             "change_se": (change.std() / math.sqrt(len(change))).item(), "sex_gap": sex_gap}
 
 
-def real_sex_gap(data_cfg, size, n):
-    """Mean head area of real male minus real female target slices at `size` px (n of them)."""
-    corpus = load_target_corpus(dataclasses.replace(data_cfg, image_size=size, n_target=n))
+def real_sex_gap(corpus):
+    """Mean head area of the real male minus the real female target slices of `corpus`."""
     area, female = head_area(corpus.images.float()), subgroup_labels(corpus.attributes, "sex") == 1
     return (area[~female].mean() - area[female].mean()).item()
 
@@ -200,7 +203,8 @@ def sr_report(cfg, device):
     cascades = {m: load_generator(m, run, device, stages="all", sr=settings) for m in models}
     if "diffusion" not in cascades or not isinstance(cascades["diffusion"], Cascade):
         raise UserError(f"no base model at {run}/diffusion.pt: run `python train.py --run {run}` first")
-    final_cls, final_metrics = sex_classifier(run, data_cfg, size, e, cfg.run.seed, device)
+    final_target = target_at(data_cfg, size, e.features)  # the final-size reader's data, and the real sex gap
+    final_cls, final_metrics = sex_classifier(run, final_target, size, e, cfg.run.seed, device)
     base_cls, base_metrics = base_sex_classifier(run, data_cfg, low_size, e, cfg.run.seed, device)
     low, high, captions = load_heldout_pairs(data_cfg, size, 2 * e.n)
     reference = high[e.n:].float()  # the FID reference: held-out real images, none of them evaluated
@@ -212,7 +216,7 @@ def sr_report(cfg, device):
     prompts = [p["prompt"] for p in evaluation_prompts()]
     prompts = [prompts[i % len(prompts)] for i in range(e.n)]
     grid = [upsample_nearest(low[:8], size), bicubic_baseline(low[:8], size), sr_images[:8], high[:8]]
-    sex_gap = real_sex_gap(data_cfg, size, e.features)
+    sex_gap = real_sex_gap(final_target)
     for model, cascade in cascades.items():
         report[model], base, final = evaluate_cascade(cascade, prompts, e.steps, s.guidance, cfg.run.seed, reference,
                                                       (base_cls, final_cls), sex_gap)
