@@ -28,13 +28,8 @@ def load_sr_pairs(data_cfg, size, n, source="pretrain"):
     with s = data_cfg.image_size (the base model's side)."""
     if source == "target":
         return _target_pairs(data_cfg, size, n)
-    kind, _, path = data_cfg.pretrain.partition(":")
-    if kind == "phantom":
-        corpus = pretraining_corpus(data_cfg)
-        ids = range(min(n, len(corpus)))
-        low = corpus.images(ids).to(torch.float16)
-        high = corpus.images(ids, size=size).to(torch.float16)
-        return low, high, [corpus.caption(i) for i in ids]
+    if data_cfg.pretrain.partition(":")[0] == "phantom":
+        return _rendered_pairs(pretraining_corpus(data_cfg), size, n)
     return _real_pairs(data_cfg, size, n, "train")
 
 
@@ -43,19 +38,21 @@ def load_heldout_pairs(data_cfg, size, n):
     validation split of a real corpus."""
     kind = data_cfg.pretrain.partition(":")[0]
     if kind == "phantom":
-        corpus = PhantomCorpus(n, data_cfg.image_size, data_cfg.pretrain_female, data_cfg.seed + 1, "pretrain",
-                               p_tumor=data_cfg.pretrain_tumor)
-        return corpus.images().to(torch.float16), corpus.images(size=size).to(torch.float16), \
-            [corpus.caption(i) for i in range(n)]
+        return _rendered_pairs(PhantomCorpus(n, data_cfg.image_size, data_cfg.pretrain_female, data_cfg.seed + 1,
+                                             "pretrain", p_tumor=data_cfg.pretrain_tumor), size, n)
     return _real_pairs(data_cfg, size, n, HELDOUT_SPLITS.get(kind, "train"))
+
+
+def _rendered_pairs(corpus, size, n):
+    """The first min(n, corpus) phantom slices rendered at the corpus's size and at `size`, with captions."""
+    ids = range(min(n, len(corpus)))
+    return corpus.images(ids).to(torch.float16), corpus.images(ids, size=size).to(torch.float16), \
+        [corpus.caption(i) for i in ids]
 
 
 def _target_pairs(data_cfg, size, n):
     if data_cfg.target.partition(":")[0] == "phantom":
-        corpus = target_corpus(data_cfg)
-        ids = range(min(n, len(corpus)))
-        return corpus.images(ids).to(torch.float16), corpus.images(ids, size=size).to(torch.float16), \
-            [corpus.caption(i) for i in ids]
+        return _rendered_pairs(target_corpus(data_cfg), size, n)
     corpus = load_target_corpus(dataclasses.replace(data_cfg, image_size=size))
     low, high = downsampled_pairs(corpus.images[:n], data_cfg.image_size)
     return low.to(torch.float16), high.to(torch.float16), corpus.captions[:n]
