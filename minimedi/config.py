@@ -207,7 +207,8 @@ class AlignConfig:
     checkpoint: bool = opt(False, "gradient checkpointing of the UNet calls (memory flat in the steps)",
                            flag="--align-checkpoint")
     guidance: float = opt(3.0, "classifier-free guidance scale while tuning", flag="--align-guidance", ge=0)
-    uncertainty: float = opt(0.2, "drop assignments whose binomial uncertainty exceeds this", ge=0, le=1)
+    uncertainty: float = opt(1.0, "drop assignments whose binomial uncertainty exceeds this (1: keep all; "
+                                  "Shen et al.'s 0.2 weakens the pull near the target)", ge=0, le=1)
     lora_rank: int = opt(8, "LoRA rank", ge=1)
     full: bool = opt(False, "tune the whole UNet instead of LoRA adapters")
     ema: float = opt(0.95, "EMA decay of the tuned weights", flag="--align-ema", ge=0, lt=1)

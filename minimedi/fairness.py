@@ -6,12 +6,17 @@ step of alignment tuning generates a batch of a few prompts x several images eac
 and asks a frozen subgroup classifier what it sees:
 
 1. **Distributional alignment** (`distributional_alignment_loss`). Within each prompt's n images, rank
-   by the classifier's p(female) and call the top round(n r) "female", the rest "male": for one binary
-   attribute this is the optimal transport between the prompt's images and its target distribution
-   (r = the target female share for a prompt that does not name sex; 1 or 0 for one that does).
-   Assignments that a fresh target sample of n would often contradict are dropped (`uncertainty`), and
-   so are those whose image the classifier is already as sure of as of its matched real target image
-   (`matched_caps`). The loss is the classifier's cross-entropy against the kept targets. For several
+   by the classifier's p(female) and call the top n r "female" (randomized rounding), the rest "male": for
+   one binary attribute this is the optimal transport between the prompt's images and its target
+   distribution (r = the target female share for a prompt that does not name sex; 1 or 0 for one that
+   does). Assignments the classifier is already as sure of as of its matched real target image are
+   dropped (`matched_caps`). The loss is the classifier's cross-entropy against the kept targets.
+   Shen et al. also drop the assignments that a fresh target sample of n would often contradict
+   (`uncertainty`, threshold 0.2); here that filter is off by default (threshold 1), because it weakens
+   the pull exactly where it matters: with 12 images at r = 0.455 it drops ranks 4-6, so a batch read with
+   4 to 7 women in 12 gets no push, and a prompt near the target is pushed less than half as hard as
+   without it. Kept whole, with randomized rounding, the expected push is n (r - s) for a prompt drawn
+   female with probability s: zero only at the target. For several
    attributes (e.g. sex x age group) the assignment is a small exact OT problem (`joint_ot_assign`).
 2. **CLIP consistency** (`clip_consistency_loss`): 1 - cos between CLIP image embeddings of the student
    image and the frozen teacher's image from the same noise and prompt, so that only the subgroup
@@ -34,22 +39,19 @@ from minimedi.grad import ScaleGrad
 
 # ---- one binary attribute: closed-form OT and its uncertainty -----------------------------------------
 
-def round_half_up(x):
-    """round(x) with halves going up (Python's `round` sends 0.5 to the even neighbour)."""
-    return int(math.floor(x + 0.5))
-
-
-def ot_assign(p_female, target_share):
+def ot_assign(p_female, target_share, offset=0.5):
     """(targets [N] long, 1 = female; rank [N] long, 0 = most female) for the classifier's p(female) [N].
 
     Moving image i to class y costs ||p_i - e_y||^2, and with a fixed number of females the total cost
-    is smallest when the females are the images with the largest p: sort, cut at round(N r).
+    is smallest when the females are the images with the largest p: sort, cut at floor(N r + offset).
+    offset 0.5 is round(N r); an offset drawn from U[0, 1) at every step is randomized rounding, whose
+    count is N r on average: 12 images at r = 0.455 then take 5 or 6 women, never 5 every time.
     """
     n = p_female.shape[0]
     order = torch.argsort(p_female, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n, device=p_female.device)
-    targets = (rank < round_half_up(n * target_share)).long()
+    targets = (rank < math.floor(n * target_share + offset)).long()
     return targets, rank
 
 
@@ -95,10 +97,11 @@ def prompt_batch(neutral, named, n_prompts, per_prompt, named_share, target_shar
     return [captions[g] for g in groups.tolist()], groups, torch.tensor(shares, dtype=torch.float64)
 
 
-def assign_within_prompts(p_female, groups, shares, threshold=0.2):
+def assign_within_prompts(p_female, groups, shares, threshold=1.0, offsets=None):
     """(targets [N] long, 1 = female; keep [N] bool): the OT assignment and uncertainty filter run within
     each prompt's images. groups [N] says which prompt each image belongs to, shares [P] each prompt's
-    target female share, p_female [N] the classifier's calibrated readings.
+    target female share, p_female [N] the classifier's calibrated readings, offsets [P] each prompt's
+    rounding offset (`ot_assign`; None: 0.5, plain rounding).
 
     Ranking each prompt on its own is Shen et al.'s setting (each of their batches is one prompt). Ranked
     together, the prompts the classifier already reads as more female would take the "female" targets
@@ -106,9 +109,10 @@ def assign_within_prompts(p_female, groups, shares, threshold=0.2):
     """
     targets = torch.zeros_like(groups)
     keep = torch.zeros(len(groups), dtype=torch.bool, device=p_female.device)
-    for g, share in enumerate(shares.tolist()):
+    offsets = [0.5] * len(shares) if offsets is None else offsets.tolist()
+    for g, (share, offset) in enumerate(zip(shares.tolist(), offsets)):
         idx = torch.nonzero(groups == g).squeeze(1)
-        targets[idx], rank = ot_assign(p_female[idx], share)
+        targets[idx], rank = ot_assign(p_female[idx], share, offset)
         u_female, u_male = uncertainty(rank, len(idx), share)
         keep[idx] = torch.where(targets[idx] == 1, u_female, u_male) <= threshold
     return targets, keep
@@ -137,7 +141,8 @@ def matched_caps(toward, targets, groups, real_toward):
     return caps
 
 
-def distributional_alignment_loss(logits, groups, shares, threshold=0.2, temperature=1.0, real_toward=None):
+def distributional_alignment_loss(logits, groups, shares, threshold=1.0, temperature=1.0, real_toward=None,
+                                  offsets=None):
     """Cross-entropy of the classifier's `logits` [N, 2] (class 1 = female; they carry the gradient) against
     the targets of `assign_within_prompts`, from the calibrated p(female) = softmax(logits / temperature)
     without grad. With `real_toward` (the calibrated log-odds of real target images toward their own
@@ -146,7 +151,7 @@ def distributional_alignment_loss(logits, groups, shares, threshold=0.2, tempera
     Returns (loss, stats): "kept" (assignments used) and "capped" (dropped by the cap)."""
     log_odds = (logits[:, 1] - logits[:, 0]).detach() / temperature  # log p(female) / p(male), calibrated
     p = torch.sigmoid(log_odds)
-    targets, keep = assign_within_prompts(p, groups, shares, threshold)
+    targets, keep = assign_within_prompts(p, groups, shares, threshold, offsets)
     certain = int(keep.sum())
     if real_toward is not None:
         toward = torch.where(targets == 1, log_odds, -log_odds)

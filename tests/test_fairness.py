@@ -14,7 +14,7 @@ from minimedi.fairness import (
     assign_within_prompts, binomial_cdf, chain_factors, clip_consistency_loss, consistency_weights,
     distributional_alignment_loss, hungarian, joint_alignment_loss, joint_ot_assign, kl_alignment_loss,
     largest_remainder_counts, matched_caps, ot_assign, prompt_batch, real_confidence,
-    random_grad_steps, round_half_up, sample_ddim_teacher, sample_ddim_with_grad, uncertainty)
+    random_grad_steps, sample_ddim_teacher, sample_ddim_with_grad, uncertainty)
 from minimedi.lora import inject_lora
 from minimedi.unet import UNet, token_mask
 
@@ -36,13 +36,56 @@ def test_binary_ot_assign_is_optimal_by_brute_force(seed):
     p = torch.rand(n, generator=g)
     r = float(torch.rand((), generator=g))
     targets, rank = ot_assign(p, r)
-    n_female = round_half_up(n * r)
+    n_female = math.floor(n * r + 0.5)
     assert int(targets.sum()) == n_female
     assert sorted(rank.tolist()) == list(range(n)) and bool((p[rank == 0] == p.max()).all())
     probs = torch.stack([1 - p, p], dim=1)
     best = min(transport_cost(probs, torch.tensor([int(i in females) for i in range(n)]))
                for females in itertools.combinations(range(n), n_female))
     assert transport_cost(probs, targets) == pytest.approx(best, abs=1e-12)
+
+
+def test_randomized_rounding_takes_n_r_women_on_average():
+    """floor(n r + u), u ~ U[0, 1): n r = 5.46 gives 5 women with probability 0.54 and 6 with 0.46, so the
+    mean over a fine grid of offsets is 5.46; the plain rounding (u = 0.5) always gives 5."""
+    p = torch.linspace(0.9, 0.1, 12)
+    counts = [int(ot_assign(p, 0.455, (k + 0.5) / 1000)[0].sum()) for k in range(1000)]
+    assert set(counts) == {5, 6} and sum(counts) / 1000 == pytest.approx(12 * 0.455, abs=1e-3)
+    assert int(ot_assign(p, 0.455)[0].sum()) == 5
+
+
+def expected_net_push(s, threshold, n=12, r=0.455, offsets=20):
+    """The expected number of images per prompt that the alignment pushes to "female" minus those it pushes
+    to "male" (kept assignments that contradict the classifier's reading), when each of the n images reads
+    as female with probability s: what moves a prompt's share. Exact over F ~ Binomial(n, s) women read,
+    averaged over a grid of rounding offsets."""
+    push = 0.0
+    for f in range(n + 1):
+        read_female = torch.arange(n) < f
+        p = torch.where(read_female, 0.8, 0.2) - 0.01 * torch.arange(n) / n  # distinct readings, no ties
+        groups = torch.arange(offsets).repeat_interleave(n)
+        shares = torch.full((offsets,), r, dtype=torch.float64)
+        grid = (torch.arange(offsets) + 0.5) / offsets
+        targets, keep = assign_within_prompts(p.repeat(offsets), groups, shares, threshold, grid)
+        female = read_female.repeat(offsets)
+        net = (keep & (targets == 1) & ~female).sum() - (keep & (targets == 0) & female).sum()
+        push += math.comb(n, f) * s ** f * (1 - s) ** (n - f) * float(net) / offsets
+    return push
+
+
+def test_without_the_uncertainty_filter_every_prompt_is_pushed_toward_its_share():
+    """Keeping every assignment and rounding at random, the net push is n (r - s) on average: zero only at
+    the target, and as strong near it as the distance asks. Shen et al.'s filter at 0.2 drops ranks 4-6 of
+    12 at r = 0.455: only a prompt read with under 4 or over 7 women in 12 is pushed, by max(0, 4 - F) -
+    max(0, F - 7), which near the target is under half the push without the filter."""
+    for s in (0.2, 0.35, 0.455, 0.55, 0.7):
+        unfiltered, filtered = expected_net_push(s, 1.0), expected_net_push(s, 0.2)
+        assert unfiltered == pytest.approx(12 * (0.455 - s), abs=0.02)
+        by_hand = sum(math.comb(12, f) * s ** f * (1 - s) ** (12 - f) * (max(0, 4 - f) - max(0, f - 7))
+                      for f in range(13))
+        assert filtered == pytest.approx(by_hand, abs=1e-9)
+        if 0.4 < s < 0.6 and s != 0.455:
+            assert abs(filtered) < 0.45 * abs(unfiltered)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -226,7 +269,7 @@ def test_joint_alignment_loss_and_consistency_weights():
     assert targets.tolist() == [0, 1, 1, 1]
     assert consistency_weights(probs[:, 1], targets).tolist() == pytest.approx([1.0, 1.0, 0.2, 1.0])
     assert consistency_weights(probs, targets).tolist() == pytest.approx([1.0, 1.0, 0.2, 1.0])
-    # Within prompts {0, 1} and {2, 3}: one "female" slot each (round_half_up(2 x 0.5)... here 0.5 of 2 = 1).
+    # Within prompts {0, 1} and {2, 3}: one "female" slot each (0.5 of 2 = 1).
     loss, _ = joint_alignment_loss(logits, probs, [0.5, 0.5], torch.tensor([0, 0, 1, 1]))
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.tensor([0, 1, 0, 1])))
 

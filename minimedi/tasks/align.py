@@ -10,8 +10,8 @@ and prompt (DESIGN.md, "Alignment tuning"; Shen et al. 2024). Per step:
      with --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling, `fairness.py`);
      the frozen teacher samples from the same noise without;
   2. distributional alignment, within each prompt's M images: rank by the calibrated p(female), assign the
-     top round(M r) to "female" (optimal transport to the prompt's target share r: the target corpus' share,
-     or 1 / 0 for a prompt naming a woman / a man), drop uncertain assignments and those the classifier is
+     top M r (randomized rounding) to "female" (optimal transport to the prompt's target share r: the target
+     corpus' share, or 1 / 0 for a prompt naming a woman / a man), drop the assignments the classifier is
      already as sure of as of real target images (--align-cap), cross-entropy (`fairness.py`);
   3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))).
 
@@ -48,13 +48,13 @@ def target_shares(cfg, classes, shares, path):
     return [1 - cfg.align.target_female, cfg.align.target_female]
 
 
-def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_toward):
+def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_toward, offsets):
     """The fairness term on the student's images, the batch's predicted class shares and stats for the log.
 
     One binary axis (sex, age group): the distributional alignment loss with its closed-form OT, within
-    each prompt's images (`groups`, target `prompt_shares` per prompt). More classes (sex x age group):
-    the exact OT over the joint distribution, within each prompt. `--align-loss kl`: KL between the
-    target shares and each prompt's mean probabilities."""
+    each prompt's images (`groups`, target `prompt_shares` per prompt, rounding `offsets`). More classes
+    (sex x age group): the exact OT over the joint distribution, within each prompt. `--align-loss kl`: KL
+    between the target shares and each prompt's mean probabilities."""
     logits = classifier(images)
     probs = torch.softmax(logits.detach() / classifier.temperature, -1)  # predict_proba, without a second pass
     stats = {}
@@ -63,7 +63,7 @@ def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_
         loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), target, groups)
     elif len(shares) == 2:
         loss, stats = fairness.distributional_alignment_loss(logits, groups, prompt_shares, cfg.align.uncertainty,
-                                                             float(classifier.temperature), real_toward)
+                                                             float(classifier.temperature), real_toward, offsets)
     else:
         loss, _ = fairness.joint_alignment_loss(logits, probs, shares, groups)
     return loss, class_shares(probs.argmax(-1), len(shares)), stats
@@ -127,13 +127,14 @@ def make_aligned(cfg, d):
                                                                 named_share, shares[1], g)
         if not a.per_prompt_ot:  # the ablation: one assignment over the whole batch, to the batch's mean share
             groups, prompt_shares = torch.zeros_like(groups), prompt_shares.mean().reshape(1)
+        offsets = torch.rand(len(prompt_shares), generator=g)  # randomized rounding of each prompt's n r women
         states, mask, pooled = encoder.encode(captions)
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
         grad_steps = fairness.random_grad_steps(a.ddim_steps, a.grad_steps, g)
         x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
                                                    prediction, checkpoint=a.checkpoint, grad_steps=grad_steps)
         align, fractions, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
-                                                 shares, real_toward)
+                                                 shares, real_toward, offsets)
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
             x_teacher = fairness.sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled,
