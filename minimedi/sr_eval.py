@@ -76,9 +76,10 @@ def target_at(data_cfg, size, n):
 def base_sex_classifier(run_dir, data_cfg, low_size, e, seed, device):
     """The run's classifier.pt when it reads sex, else a sex classifier trained like the final-size one."""
     path = os.path.join(run_dir, "classifier.pt")
-    if os.path.exists(path) and load_checkpoint(path)["classes"] == ["male", "female"]:
+    if os.path.exists(path):
         model, ckpt = load_classifier(path, device)
-        return model, ckpt.get("metrics", {})
+        if ckpt["classes"] == ["male", "female"]:
+            return model, ckpt.get("metrics", {})
     return sex_classifier(run_dir, target_at(data_cfg, low_size, e.features), low_size, e, seed, device)
 
 
