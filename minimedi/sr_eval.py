@@ -50,15 +50,17 @@ from minimedi.resize import bicubic_baseline, downsample
 SECTIONS = ("run", "sample", "sr_eval")
 
 
-def sex_classifier(run_dir, corpus, size, e, seed, device):
-    """A calibrated sex classifier trained on `corpus`, target images at `size` px, with blur augmentation,
-    cached as <run>/sex<size>.pt (retrained when its settings change); returns (model, its held-out metrics)."""
+def sex_classifier(run_dir, load_corpus, size, e, seed, device):
+    """A calibrated sex classifier trained on `load_corpus()`, target images at `size` px, with blur
+    augmentation, cached as <run>/sex<size>.pt (retrained when its settings change; the corpus is decoded
+    only then); returns (model, its held-out metrics)."""
     path = os.path.join(run_dir, f"sex{size}.pt")
     c = ClassifierConfig(subgroup="sex", width=e.feature_width, steps=e.feature_steps, batch=32, blur=e.feature_blur)
     if os.path.exists(path):
         model, ckpt = load_classifier(path, device)
         if ckpt["config"]["classifier"] == dataclasses.asdict(c):
             return model, ckpt["metrics"]
+    corpus = load_corpus()
     print(f"training the {size} px sex classifier on {len(corpus.images)} target images -> {path}")
     torch.manual_seed(seed)
     model, metrics = train_classifier(corpus.images.float(), subgroup_labels(corpus.attributes, "sex"), c, device,
@@ -80,7 +82,7 @@ def base_sex_classifier(run_dir, data_cfg, low_size, e, seed, device):
         model, ckpt = load_classifier(path, device)
         if ckpt["classes"] == ["male", "female"]:
             return model, ckpt.get("metrics", {})
-    return sex_classifier(run_dir, target_at(data_cfg, low_size, e.features), low_size, e, seed, device)
+    return sex_classifier(run_dir, lambda: target_at(data_cfg, low_size, e.features), low_size, e, seed, device)
 
 
 @torch.no_grad()
@@ -205,7 +207,7 @@ def sr_report(cfg, device):
     if "diffusion" not in cascades or not isinstance(cascades["diffusion"], Cascade):
         raise UserError(f"no base model at {run}/diffusion.pt: run `python train.py --run {run}` first")
     final_target = target_at(data_cfg, size, e.features)  # the final-size reader's data, and the real sex gap
-    final_cls, final_metrics = sex_classifier(run, final_target, size, e, cfg.run.seed, device)
+    final_cls, final_metrics = sex_classifier(run, lambda: final_target, size, e, cfg.run.seed, device)
     base_cls, base_metrics = base_sex_classifier(run, data_cfg, low_size, e, cfg.run.seed, device)
     low, high, captions = load_heldout_pairs(data_cfg, size, 2 * e.n)
     reference = high[e.n:].float()  # the FID reference: held-out real images, none of them evaluated

@@ -1,12 +1,14 @@
 """python -m minimedi.sr_eval on a tiny run: the report's files and numbers, and its pieces."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 import train
 from minimedi import sr_eval
+from minimedi.config import parse_config
 from minimedi.errors import UserError
 from tests.helpers import TINY, copy_run
 
@@ -42,6 +44,22 @@ def test_the_report_files_and_their_numbers(evaluated):
     area = report["diffusion"]["head_area"]
     assert 0 <= area["base"] <= 1 and abs(area["change"]) < 0.05 and area["sex_gap"] > 0
     assert "aligned" not in report  # the run has no aligned.pt
+
+
+def test_a_cached_base_reader_is_loaded_without_decoding_the_target_corpus(evaluated, tmp_path, monkeypatch):
+    """A run whose classifier.pt reads another subgroup falls back to <run>/sex16.pt: cached, it costs no
+    decoding of the target corpus."""
+    cfg = parse_config(TINY + ["--run", str(tmp_path)], sr_eval.SECTIONS)
+    other = torch.load(evaluated / "classifier.pt", weights_only=True)
+    torch.save({**other, "classes": ["young", "old"]}, tmp_path / "classifier.pt")
+    shutil.copy(evaluated / "sex32.pt", tmp_path / "sex16.pt")  # the reader pools globally: any size loads
+
+    def must_not_decode(*args):
+        raise AssertionError("the target corpus was decoded although sex16.pt is cached with these settings")
+
+    monkeypatch.setattr(sr_eval, "target_at", must_not_decode)
+    _, metrics = sr_eval.base_sex_classifier(str(tmp_path), cfg.data, 16, cfg.sr_eval, cfg.run.seed, "cpu")
+    assert metrics == torch.load(tmp_path / "sex16.pt", weights_only=True)["metrics"]
 
 
 def test_without_sr_pt_it_names_the_command(tiny_base, tmp_path):
