@@ -15,16 +15,20 @@ the same on the phantom and on real data and can be tested on simulated readings
 - `unseen`: the corrected share on prompts unlike the tuning ones (normal studies, named ages, another
   template);
 - `anatomy`: the head size read from the pixels (`minimedi.morphometry`) against real target slices:
-  neutral prompts against all real slices, each named sex against real slices of that sex.
+  neutral prompts against all real slices, each named sex against real slices of that sex;
+- with every share, a third reading that no classifier makes: the female share that fits the images' head
+  sizes as a mix of real women's and men's (`minimedi.anatomy_share`), where the two classifiers disagree.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
+from minimedi.anatomy_share import anatomy_share
 from minimedi.morphometry import anatomy
 from minimedi.shares import corrected, prompt_gap_floor, share_estimate
 
 GROUPS = {"modality": "modality", "side": "side", "lobe": "lobe", "size": "tumor_size"}  # report name: attribute
+SHARES = ("raw", "corrected", "ci", "check_raw", "check_corrected", "check_ci", "anatomy_share", "anatomy_ci")
 
 
 @dataclass
@@ -50,20 +54,24 @@ class Readings:
 
 @dataclass
 class Reference:
-    """Real target images no classifier trained on: error rates {reader: ErrorRates}, is_female [R] and
-    head sizes [R]."""
+    """Real target images no classifier trained on: error rates {reader: ErrorRates}, is_female [R], head
+    sizes [R] and stratum [R] (indices into the rates' strata)."""
     rates: dict
     is_female: np.ndarray
     head: np.ndarray
+    stratum: np.ndarray
 
 
 def shares_of(readings, mask, reference, n_boot, seed):
     """The tuning classifier's `share_estimate` of the images in `mask`, plus the check classifier's
-    corrected share and interval."""
+    corrected share and interval, and the share the head sizes fit (`anatomy_share`)."""
     prompt, stratum, called = readings.subset(mask)
     out = share_estimate(called["tuning"], stratum, prompt, reference.rates["tuning"], n_boot, seed)
     check = share_estimate(called["check"], stratum, prompt, reference.rates["check"], n_boot, seed)
-    return {**out, "check_raw": check["raw"], "check_corrected": check["corrected"], "check_ci": check["ci"]}
+    heads = anatomy_share(readings.head[mask], stratum, prompt, reference.head, reference.is_female,
+                          reference.stratum, n_boot, seed)
+    return {**out, "check_raw": check["raw"], "check_corrected": check["corrected"], "check_ci": check["ci"],
+            "anatomy_share": heads["share"], "anatomy_ci": heads["ci"], "anatomy_fit_ks": heads["fit_ks"]}
 
 
 def gap(share, target):
@@ -118,9 +126,10 @@ def named_sex_accuracy(readings, reference, n_boot, seed):
             continue
         s = shares_of(readings, mask, reference, n_boot, seed)
         if sex == "male":
-            s = {k: flip(v) if k != "n" else v for k, v in s.items()}
+            s = {k: flip(v) if k in SHARES else v for k, v in s.items()}
         out[sex] = {"n": s["n"], "tuning_raw": s["raw"], "check_raw": s["check_raw"], "corrected": s["corrected"],
-                    "ci": s["ci"], "check_corrected": s["check_corrected"], "check_ci": s["check_ci"]}
+                    "ci": s["ci"], "check_corrected": s["check_corrected"], "check_ci": s["check_ci"],
+                    "anatomy_share": s["anatomy_share"], "anatomy_ci": s["anatomy_ci"]}
     return out
 
 
@@ -160,6 +169,8 @@ def audit(readings, reference, target, n_boot=1000, seed=0):
     return {"female_fraction_corrected": overall["corrected"], "female_fraction_ci": overall["ci"],
             "female_fraction_check_corrected": overall["check_corrected"],
             "female_fraction_check_ci": overall["check_ci"], "female_gap": gap(overall, target),
+            "female_fraction_anatomy": overall["anatomy_share"], "female_fraction_anatomy_ci": overall["anatomy_ci"],
+            "anatomy_fit_ks": overall["anatomy_fit_ks"],
             "per_group": groups, "worst_group_gap": worst, "mean_prompt_gap": prompt_gap,
             "named_sex_accuracy": named_sex_accuracy(readings, reference, n_boot, seed),
             "unseen": unseen(readings, reference, target, n_boot, seed),

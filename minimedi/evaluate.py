@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from minimedi.anatomy_share import anatomy_share
 from minimedi.audit import Readings, Reference, audit
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
@@ -155,7 +156,7 @@ def fairness_report(cfg, device):
     rates = {r: error_rates((p_female(c, real_images) > 0.5).numpy(), real_female.numpy(), real_stratum, strata)
              for r, c in readers.items()}
     real_head = head_area(real_images).numpy()
-    reference = Reference(rates, real_female.numpy(), real_head)
+    reference = Reference(rates, real_female.numpy(), real_head, real_stratum)
 
     prompts, counts = report_prompts(cfg.eval.n, cfg.eval.extra_n)
     prompt_of = np.repeat(np.arange(len(prompts)), counts)
@@ -211,7 +212,10 @@ def fairness_report(cfg, device):
                              "clip_score": clip_score(judges["clip"], floor, judges["tokenizer"](
                                  real.captions[:m], truncate=True))[0],
                              "nn_distance": float(nearest_neighbour_distance(floor, judges["training"])[0].mean()),
-                             "anatomy": {"neutral": anatomy(real_head[:m], real_head[m:])}}
+                             "anatomy": {"neutral": anatomy(real_head[:m], real_head[m:])},
+                             "female_fraction_anatomy": anatomy_share(real_head[:m], real_stratum[:m], np.arange(m),
+                                                                      real_head[m:], real_female[m:].numpy(),
+                                                                      real_stratum[m:], n_boot=0)["share"]}
     return report, held_out_images
 
 

@@ -38,6 +38,9 @@ ROWS = [  # (key, label, format)
     ("female_fraction_ci", "its 95% bootstrap interval", "[{:.3f}, {:.3f}]"),
     ("female_gap", "\\|corrected female share - target\\|", "{:.3f}"),
     ("female_fraction_check_corrected", "female share, corrected (independent check classifier)", "{:.3f}"),
+    ("female_fraction_anatomy", "female share that fits the head sizes (no classifier)", "{:.3f}"),
+    ("female_fraction_anatomy_ci", "its 95% bootstrap interval", "[{:.3f}, {:.3f}]"),
+    ("anatomy_fit_ks", "head sizes vs that fitted mix of real sexes: KS", "{:.3f}"),
     ("female_fraction", "female share called by the tuning classifier (raw)", "{:.3f}"),
     ("female_fraction_check", "female share called by the check classifier (raw)", "{:.3f}"),
     ("female_fraction_probe", "female share called by the attribute probe (raw)", "{:.3f}"),
@@ -70,12 +73,13 @@ def verdict(ok):
     return "pass" if ok else "FAIL"
 
 
-def share_text(share):
-    """'0.412 [0.350, 0.470]' of a share dict with "corrected" and "ci"."""
-    if share is None or share.get("corrected") is None:
+def share_text(share, key="corrected", ci_key="ci"):
+    """'0.412 [0.350, 0.470]' of a share dict with `key` and `ci_key` ("anatomy_share", "anatomy_ci": the
+    share the head sizes fit)."""
+    if share is None or share.get(key) is None:
         return "n/a"
-    ci = share.get("ci")
-    return f"{share['corrected']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    ci = share.get(ci_key)
+    return f"{share[key]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def checks(report):
@@ -178,14 +182,16 @@ def render_markdown(report):
     if "per_group" in first:
         lines += ["\n## Corrected female share by group (held-out prompts)\n"]
         rows = [[f"{attribute} {GROUP_LABELS.get(value, value)}", str(first["per_group"][attribute][value]["n"]),
-                 *[share_text(report["models"][m]["per_group"][attribute][value]) for m in models]]
+                 *[share_text(report["models"][m]["per_group"][attribute][value]) for m in models],
+                 *[share_text(report["models"][m]["per_group"][attribute][value], "anatomy_share", "anatomy_ci")
+                   for m in models]]
                 for attribute in first["per_group"] if attribute != "prompt" for value in first["per_group"][attribute]]
         rows.append(["worst modality gap", "", *[cell("{:.3f}", report["models"][m]["worst_group_gap"].get(
-            "modality", {}).get("gap")) for m in models]])
+            "modality", {}).get("gap")) for m in models], *[""] * len(models)])
         rows.append(["mean per-prompt gap (Shen et al.), corrected / raw", "",
                      *[f"{cell('{:.3f}', g['corrected']) or 'n/a'} / {g['raw']:.3f}" for g in
-                       (report["models"][m]["mean_prompt_gap"] for m in models)]])
-        lines += table(["group", "images", *models], rows)
+                       (report["models"][m]["mean_prompt_gap"] for m in models)], *[""] * len(models)])
+        lines += table(["group", "images", *models, *[f"{m}: fit to head sizes" for m in models]], rows)
         lines.append(f"\nA model with every prompt exactly at the target would still show a mean per-prompt gap of "
                      f"{cell('{:.3f}', first['mean_prompt_gap']['floor']) or 'n/a'} (corrected) from "
                      f"{report['images_per_model'] // first['mean_prompt_gap']['prompts']} images per prompt.")
@@ -196,9 +202,10 @@ def render_markdown(report):
                 for sex in first["named_sex_accuracy"]]
         lines += table(["prompt names a", "images", *[f"{m}: raw tuning / raw check / corrected" for m in models]], rows)
         lines += ["\n## Unseen prompts: corrected female share\n"]
-        rows = [[kind, str(first["unseen"][kind]["n"]), *[share_text(report["models"][m]["unseen"][kind]) for m in models]]
+        rows = [[kind, str(first["unseen"][kind]["n"]), *[share_text(report["models"][m]["unseen"][kind]) for m in models],
+                 *[share_text(report["models"][m]["unseen"][kind], "anatomy_share", "anatomy_ci") for m in models]]
                 for kind in first["unseen"]]
-        lines += table(["prompts", "images", *models], rows)
+        lines += table(["prompts", "images", *models, *[f"{m}: fit to head sizes" for m in models]], rows)
         lines += ["\n## Anatomy: head area read from the pixels, against real target slices\n"]
         rows = [[name, *[f"{a['ks']:.3f} / {a['outside']:.1%}" for a in (report["models"][m]["anatomy"][name]
                                                                          for m in models)],
@@ -235,12 +242,15 @@ def plain(value):
 
 
 def fairness_picture(report):
-    """Two panels: the corrected female share over the held-out prompts (both classifiers), and per group."""
+    """Two panels: the corrected female share over the held-out prompts (both classifiers and the head sizes),
+    and per group."""
     names = {"diffusion": "base", "aligned": "aligned"}
     models = report["models"]
     target = ("target", report["target_female"])
     bars = [(f"{names[m]}", r["female_fraction_corrected"] or 0.0, r["female_fraction_ci"]) for m, r in models.items()]
     bars += [(f"{names[m]} (check)", r["female_fraction_check_corrected"] or 0.0, r["female_fraction_check_ci"])
+             for m, r in models.items()]
+    bars += [(f"{names[m]} (head size)", r.get("female_fraction_anatomy") or 0.0, r.get("female_fraction_anatomy_ci"))
              for m, r in models.items()]
     overall = bar_chart("Female share of generated images (corrected)", [b[0] for b in bars],
                         [("", [b[1] for b in bars], [b[2] for b in bars])], target)

@@ -45,6 +45,8 @@ def test_only_adapted_layers_change_and_sampling_works(tiny_base, tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert list(report["models"]) == ["diffusion", "aligned"] and report["checks"]
     assert {c["verdict"] for c in report["checks"]} <= {"pass", "FAIL", "inconclusive"}
+    assert {"female_fraction_anatomy", "female_fraction_anatomy_ci", "anatomy_fit_ks"} <= report["models"]["aligned"].keys()
+    assert "female_fraction_anatomy" in report["real_target"]
     assert (run / "samples" / "before_after.png").exists() and "## Checks" in (run / "report.md").read_text()
     out = tmp_path / "aligned.png"
     sample.main(["--run", str(run), "--model", "aligned", "--prompt", "Axial T2-weighted MRI of the brain.",

@@ -3,6 +3,7 @@ accuracy (a man's prompt counts men), the unseen prompts and the anatomy, each c
 import numpy as np
 import pytest
 
+from minimedi.anatomy_share import anatomy_share
 from minimedi.audit import Readings, Reference, audit
 from minimedi.morphometry import ks_distance
 from minimedi.shares import ErrorRates, corrected
@@ -38,7 +39,7 @@ def readings():
 def test_audit_counts_by_hand():
     r = readings()
     reference = Reference({"tuning": perfect_rates(), "check": perfect_rates()}, np.array([True, False] * 50),
-                          np.linspace(0.55, 0.65, 100))
+                          np.linspace(0.55, 0.65, 100), np.repeat([0, 1], 50))
     out = audit(r, reference, target=0.5, n_boot=200, seed=0)
     heldout_female = [i % 5 for i in range(8)]  # 0 1 2 3 4 0 1 2 of 4
     assert out["female_fraction_corrected"] == pytest.approx(sum(heldout_female) / 32)
@@ -63,12 +64,23 @@ def test_audit_counts_by_hand():
     # Anatomy: held-out heads against every real head, each named sex against its own.
     assert out["anatomy"]["neutral"]["ks"] == pytest.approx(ks_distance(r.head[:32], reference.head))
     assert out["anatomy"]["female"]["n_real"] == 50 and out["anatomy"]["female"]["n"] == 4
+    # The share the head sizes fit: a man's prompt scores the men it fits, like the classifiers' shares.
+    men = r.mask(set="named", kind="male")
+    fitted = anatomy_share(r.head[men], r.stratum[men], r.prompt[men], reference.head, reference.is_female,
+                           reference.stratum, 200, 0)
+    assert out["named_sex_accuracy"]["male"]["anatomy_share"] == pytest.approx(1 - fitted["share"])
+    assert out["named_sex_accuracy"]["male"]["anatomy_ci"] == pytest.approx([1 - fitted["ci"][1], 1 - fitted["ci"][0]])
+    heldout = r.mask(set="heldout")
+    assert out["female_fraction_anatomy"] == pytest.approx(anatomy_share(
+        r.head[heldout], r.stratum[heldout], r.prompt[heldout], reference.head, reference.is_female,
+        reference.stratum, 0)["share"])
 
 
 def test_per_prompt_shares_are_corrected_with_their_stratum_s_rates():
     r = readings()
     rates = ErrorRates(STRATA, np.array([100, 100]), np.array([80, 90]), np.array([100, 100]), np.array([10, 30]))
-    reference = Reference({"tuning": rates, "check": rates}, np.array([True, False] * 50), np.linspace(0.55, 0.65, 100))
+    reference = Reference({"tuning": rates, "check": rates}, np.array([True, False] * 50), np.linspace(0.55, 0.65, 100),
+                          np.repeat([0, 1], 50))
     out = audit(r, reference, target=0.5, n_boot=200, seed=0)
     assert out["per_group"]["prompt"]["h3"]["corrected"] == pytest.approx(float(corrected(0.75, 0.9, 0.3)))
     assert out["per_group"]["prompt"]["h2"]["corrected"] == pytest.approx(float(corrected(0.5, 0.8, 0.1)))

@@ -14,7 +14,8 @@ TARGET = 0.45
 
 def share(value, ci):
     return {"n": 96, "raw": value, "corrected": value, "ci": list(ci), "check_raw": value,
-            "check_corrected": value, "check_ci": list(ci)}
+            "check_corrected": value, "check_ci": list(ci), "anatomy_share": value - 0.1,
+            "anatomy_ci": [ci[0] - 0.1, ci[1] - 0.1], "anatomy_fit_ks": 0.05}
 
 
 def model(overall=(0.45, (0.41, 0.49)), sequence_ci=(0.35, 0.55), woman=(0.95, (0.91, 0.98)), unseen_ci=(0.40, 0.50),
@@ -25,7 +26,8 @@ def model(overall=(0.45, (0.41, 0.49)), sequence_ci=(0.35, 0.55), woman=(0.95, (
                "fid_female": 3.0, "fid_male": None, "clip_score": 30.0, "nn_distance": 0.1, "seconds_per_image": 0.5,
                "female_fraction_corrected": overall[0], "female_fraction_ci": list(overall[1]),
                "female_fraction_check_corrected": check, "female_fraction_check_ci": [check - 0.04, check + 0.04],
-               "female_gap": abs(overall[0] - TARGET)}
+               "female_gap": abs(overall[0] - TARGET), "female_fraction_anatomy": overall[0] + 0.02,
+               "female_fraction_anatomy_ci": [overall[1][0] + 0.02, overall[1][1] + 0.02], "anatomy_fit_ks": 0.06}
     sequences = {m: share(TARGET, sequence_ci) for m in ("t1", "t1ce", "t2", "flair")}
     sequences["t2"] = share(sum(sequence_ci) / 2, sequence_ci)
     numbers["per_group"] = {"modality": sequences, "side": {s: share(0.45, (0.4, 0.5)) for s in ("left", "right")},
@@ -92,7 +94,9 @@ def test_markdown_has_every_section_and_escapes_bars():
     assert "| female share, corrected (tuning classifier) | 0.160 | 0.450 |  |" in text
     assert "| its 95% bootstrap interval | [0.100, 0.220] | [0.410, 0.490] |  |" in text
     assert "| FID, male images vs real male |" not in text  # no value anywhere: the row is left out
-    assert "| modality T2 | 96 | 0.450 [0.350, 0.550] | 0.450 [0.350, 0.550] |" in text
+    assert ("| modality T2 | 96 | 0.450 [0.350, 0.550] | 0.450 [0.350, 0.550] | 0.350 [0.250, 0.450] "
+            "| 0.350 [0.250, 0.450] |") in text
+    assert "| female share that fits the head sizes (no classifier) | 0.180 | 0.470 |  |" in text
     assert "| woman | 64 | 0.800 / 0.810 / 0.960 [0.920, 0.990] | 0.800 / 0.810 / 0.950 [0.910, 0.980] |" in text
     for heading in ("## Corrected female share by group", "## Prompts that name sex", "## Unseen prompts",
                     "## Anatomy", "## Error rates", "## Checks"):
