@@ -23,8 +23,11 @@ where that fails: a head size that no mix of real women and men explains. Where 
 overlap much (real MR), the interval says how little the anatomy can tell.
 
 The interval resamples as `minimedi.shares` does: whole prompts within each sequence, and the real slices
-of each sex (the components are estimates too).
+of each sex (the components are estimates too). The components and their replicates are made once
+(`components`) and shared by every set of images read against them.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 GRID = 256  # quantiles of the real head areas the distribution functions are compared at
@@ -42,39 +45,68 @@ def below(values, grid):
     return (np.asarray(values, dtype=np.float64)[:, None] <= grid[None, :]).astype(np.float64)
 
 
-def anatomy_share(areas, stratum, cluster, real_head, real_female, real_stratum, n_boot=1000, seed=0, level=0.95):
-    """{"share", "ci", "fit_ks"} of a set of generated images: head areas [N], stratum indices [N], prompt
-    (cluster) indices [N]; real target slices' head areas [R], sex [R] and stratum [R]. Each stratum is fitted
-    to its own real slices and the shares are weighted by images; fit_ks is the worst stratum's. None where a
-    stratum lacks real slices of either sex; no interval with n_boot = 0."""
-    areas, stratum, cluster = (np.asarray(x) for x in (areas, stratum, cluster))
+def resampled(indicators, n_boot, rng):
+    """[n_boot, K] bootstrap replicates of the distribution function whose indicators [N, K] are given."""
+    n = len(indicators)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) @ indicators / n
+
+
+@dataclass
+class Components:
+    """The mixture's components, made once for every set of images read against them: per stratum, a grid
+    of quantiles of the real head areas and each sex's distribution function on it, with `n_boot`
+    bootstrap replicates [n_boot, K] (the real slices of each sex resampled). A stratum lacking real
+    slices of either sex has none."""
+    grid: dict
+    female: dict
+    male: dict
+    female_boot: dict
+    male_boot: dict
+    n_boot: int
+
+
+def components(real_head, real_female, real_stratum, n_boot=1000, seed=0):
+    """`Components` of real target slices: head areas [R], sex [R] (bool), stratum [R]."""
     real_head, real_female, real_stratum = (np.asarray(x) for x in (real_head, real_female, real_stratum))
-    if len(areas) == 0:
-        return {"share": None, "ci": None, "fit_ks": None}
     rng = np.random.Generator(np.random.PCG64(seed))
-    point, fit_ks, total, images = 0.0, 0.0, np.zeros(n_boot), np.zeros(n_boot)
-    for s in np.unique(stratum):
-        here, real = stratum == s, real_stratum == s
+    parts = Components({}, {}, {}, {}, {}, n_boot)
+    for s in np.unique(real_stratum):
+        real = real_stratum == s
         women, men = real_head[real & real_female], real_head[real & ~real_female]
         if len(women) == 0 or len(men) == 0:
-            return {"share": None, "ci": None, "fit_ks": None}
+            continue
         grid = np.quantile(real_head[real], np.linspace(0, 1, GRID))
-        mine, f_female, f_male = below(areas[here], grid), below(women, grid), below(men, grid)
-        g, ff, fm = mine.mean(0), f_female.mean(0), f_male.mean(0)
+        f_female, f_male = below(women, grid), below(men, grid)
+        parts.grid[s], parts.female[s], parts.male[s] = grid, f_female.mean(0), f_male.mean(0)
+        parts.female_boot[s], parts.male_boot[s] = resampled(f_female, n_boot, rng), resampled(f_male, n_boot, rng)
+    return parts
+
+
+def anatomy_share(areas, stratum, cluster, parts, seed=0, level=0.95):
+    """{"share", "ci", "fit_ks"} of a set of generated images: head areas [N], stratum indices [N] and prompt
+    (cluster) indices [N], read against the real slices' `Components`. Each stratum is fitted to its own
+    real slices and the shares are weighted by images; fit_ks is the worst stratum's. None where a stratum
+    has no components; no interval when they have no replicates."""
+    areas, stratum, cluster = (np.asarray(x) for x in (areas, stratum, cluster))
+    if len(areas) == 0 or any(s not in parts.grid for s in np.unique(stratum)):
+        return {"share": None, "ci": None, "fit_ks": None}
+    rng = np.random.Generator(np.random.PCG64(seed))
+    point, fit_ks, total, images = 0.0, 0.0, np.zeros(parts.n_boot), np.zeros(parts.n_boot)
+    for s in np.unique(stratum):
+        here = stratum == s
+        mine = below(areas[here], parts.grid[s])
+        g, ff, fm = mine.mean(0), parts.female[s], parts.male[s]
         p = mixture_share(g, ff, fm)
         point += here.sum() * p
         fit_ks = max(fit_ks, float(np.abs(g - (p * ff + (1 - p) * fm)).max()))
 
         _, members = np.unique(cluster[here], return_inverse=True)
         clusters = members.max() + 1
-        draws = rng.multinomial(clusters, np.full(clusters, 1.0 / clusters), size=n_boot)  # [B, prompts]
+        draws = rng.multinomial(clusters, np.full(clusters, 1.0 / clusters), size=parts.n_boot)  # [B, prompts]
         weights = draws[:, members].astype(np.float64)  # [B, images]: each image as often as its prompt
         n_s = weights.sum(1)
-        g_b = weights @ mine / n_s[:, None]
-        ff_b = rng.multinomial(len(women), np.full(len(women), 1.0 / len(women)), size=n_boot) @ f_female / len(women)
-        fm_b = rng.multinomial(len(men), np.full(len(men), 1.0 / len(men)), size=n_boot) @ f_male / len(men)
-        total += n_s * mixture_share(g_b, ff_b, fm_b)
+        total += n_s * mixture_share(weights @ mine / n_s[:, None], parts.female_boot[s], parts.male_boot[s])
         images += n_s
     tail = 100 * (1 - level) / 2
-    ci = [float(v) for v in np.percentile(total / images, [tail, 100 - tail])] if n_boot else None
+    ci = [float(v) for v in np.percentile(total / images, [tail, 100 - tail])] if parts.n_boot else None
     return {"share": float(point / len(areas)), "ci": ci, "fit_ks": fit_ks}

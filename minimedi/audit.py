@@ -19,11 +19,11 @@ the same on the phantom and on real data and can be tested on simulated readings
 - with every share, a third reading that no classifier makes: the female share that fits the images' head
   sizes as a mix of real women's and men's (`minimedi.anatomy_share`), where the two classifiers disagree.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from minimedi.anatomy_share import anatomy_share
+from minimedi.anatomy_share import anatomy_share, components
 from minimedi.morphometry import anatomy
 from minimedi.shares import corrected, prompt_gap_floor, share_estimate
 
@@ -60,6 +60,13 @@ class Reference:
     is_female: np.ndarray
     head: np.ndarray
     stratum: np.ndarray
+    made: dict = field(default_factory=dict, repr=False)
+
+    def components(self, n_boot, seed):
+        """The head-size mixture's components (`minimedi.anatomy_share.components`), made once."""
+        if (n_boot, seed) not in self.made:
+            self.made[n_boot, seed] = components(self.head, self.is_female, self.stratum, n_boot, seed)
+        return self.made[n_boot, seed]
 
 
 def shares_of(readings, mask, reference, n_boot, seed):
@@ -68,8 +75,7 @@ def shares_of(readings, mask, reference, n_boot, seed):
     prompt, stratum, called = readings.subset(mask)
     out = share_estimate(called["tuning"], stratum, prompt, reference.rates["tuning"], n_boot, seed)
     check = share_estimate(called["check"], stratum, prompt, reference.rates["check"], n_boot, seed)
-    heads = anatomy_share(readings.head[mask], stratum, prompt, reference.head, reference.is_female,
-                          reference.stratum, n_boot, seed)
+    heads = anatomy_share(readings.head[mask], stratum, prompt, reference.components(n_boot, seed), seed)
     return {**out, "check_raw": check["raw"], "check_corrected": check["corrected"], "check_ci": check["ci"],
             "anatomy_share": heads["share"], "anatomy_ci": heads["ci"], "anatomy_fit_ks": heads["fit_ks"]}
 

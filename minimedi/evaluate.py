@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from minimedi.anatomy_share import anatomy_share
+from minimedi.anatomy_share import anatomy_share, components
 from minimedi.audit import Readings, Reference, audit
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
@@ -214,8 +214,8 @@ def fairness_report(cfg, device):
                              "nn_distance": float(nearest_neighbour_distance(floor, judges["training"])[0].mean()),
                              "anatomy": {"neutral": anatomy(real_head[:m], real_head[m:])},
                              "female_fraction_anatomy": anatomy_share(real_head[:m], real_stratum[:m], np.arange(m),
-                                                                      real_head[m:], real_female[m:].numpy(),
-                                                                      real_stratum[m:], n_boot=0)["share"]}
+                                                                      components(real_head[m:], real_female[m:].numpy(),
+                                                                                 real_stratum[m:], 0))["share"]}
     return report, held_out_images
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minimedi.anatomy_share import anatomy_share, mixture_share
+from minimedi.anatomy_share import anatomy_share, components, mixture_share
 
 
 def heads(rng, n, p, shift=0.0):
@@ -37,12 +37,12 @@ def test_recovers_the_share_per_stratum_where_a_pooled_fit_would_not():
     a0, _ = heads(rng, 3000, 0.2)
     a1, _ = heads(rng, 1000, 0.7, 0.05)
     areas, stratum = np.concatenate([a0, a1]), np.repeat([0, 1], [3000, 1000])
-    out = anatomy_share(areas, stratum, np.arange(4000), *real, n_boot=200)
+    out = anatomy_share(areas, stratum, np.arange(4000), components(*real, n_boot=200))
     truth = (0.2 * 3000 + 0.7 * 1000) / 4000
     assert out["share"] == pytest.approx(truth, abs=0.03)
     assert out["ci"][0] <= truth <= out["ci"][1] and out["fit_ks"] < 0.05
-    pooled = anatomy_share(areas, np.zeros(4000, int), np.arange(4000), real[0], real[1], np.zeros(4000, int),
-                           n_boot=0)
+    pooled = anatomy_share(areas, np.zeros(4000, int), np.arange(4000),
+                           components(real[0], real[1], np.zeros(4000, int), n_boot=0))
     assert abs(pooled["share"] - truth) > 0.05
 
 
@@ -55,7 +55,8 @@ def test_the_interval_covers_the_true_share_at_about_its_nominal_rate():
         real = reference(rng, 500)
         shares = rng.beta(3, 7, 40)  # mean 0.3
         areas = np.concatenate([heads(rng, 6, p)[0] for p in shares])
-        out = anatomy_share(areas, np.zeros(240, int), np.repeat(np.arange(40), 6), *real, n_boot=300, seed=run)
+        out = anatomy_share(areas, np.zeros(240, int), np.repeat(np.arange(40), 6),
+                            components(*real, n_boot=300, seed=run), seed=run)
         covered += out["ci"][0] <= 0.3 <= out["ci"][1]
     # 95% nominal; the binomial sd of the count over 200 runs is 3 points, and percentile intervals run a
     # little short at this size
@@ -64,16 +65,16 @@ def test_the_interval_covers_the_true_share_at_about_its_nominal_rate():
 
 def test_heads_no_real_patient_has_show_in_the_fit():
     rng = np.random.default_rng(2)
-    real = reference(rng)
+    parts = components(*reference(rng), n_boot=50)
     small, _ = heads(rng, 200, 1.0, shift=-0.1)  # every head far below the smallest real woman's
-    out = anatomy_share(small, np.zeros(200, int), np.arange(200), *real, n_boot=50)
+    out = anatomy_share(small, np.zeros(200, int), np.arange(200), parts)
     assert out["share"] == 1.0 and out["fit_ks"] > 0.5
     fine, _ = heads(rng, 200, 1.0)
-    assert anatomy_share(fine, np.zeros(200, int), np.arange(200), *real, n_boot=50)["fit_ks"] < 0.15
+    assert anatomy_share(fine, np.zeros(200, int), np.arange(200), parts)["fit_ks"] < 0.15
 
 
 def test_a_stratum_without_real_slices_of_one_sex_has_no_share():
     rng = np.random.default_rng(3)
     areas, female, stratum = reference(rng, 100)
-    out = anatomy_share(areas[:10], stratum[:10], np.arange(10), areas[female], female[female], stratum[female])
+    out = anatomy_share(areas[:10], stratum[:10], np.arange(10), components(areas[female], female[female], stratum[female]))
     assert out == {"share": None, "ci": None, "fit_ks": None}

@@ -3,7 +3,7 @@ accuracy (a man's prompt counts men), the unseen prompts and the anatomy, each c
 import numpy as np
 import pytest
 
-from minimedi.anatomy_share import anatomy_share
+from minimedi.anatomy_share import anatomy_share, components
 from minimedi.audit import Readings, Reference, audit
 from minimedi.morphometry import ks_distance
 from minimedi.shares import ErrorRates, corrected
@@ -66,14 +66,13 @@ def test_audit_counts_by_hand():
     assert out["anatomy"]["female"]["n_real"] == 50 and out["anatomy"]["female"]["n"] == 4
     # The share the head sizes fit: a man's prompt scores the men it fits, like the classifiers' shares.
     men = r.mask(set="named", kind="male")
-    fitted = anatomy_share(r.head[men], r.stratum[men], r.prompt[men], reference.head, reference.is_female,
-                           reference.stratum, 200, 0)
+    parts = components(reference.head, reference.is_female, reference.stratum, 200, 0)
+    fitted = anatomy_share(r.head[men], r.stratum[men], r.prompt[men], parts, 0)
     assert out["named_sex_accuracy"]["male"]["anatomy_share"] == pytest.approx(1 - fitted["share"])
     assert out["named_sex_accuracy"]["male"]["anatomy_ci"] == pytest.approx([1 - fitted["ci"][1], 1 - fitted["ci"][0]])
     heldout = r.mask(set="heldout")
     assert out["female_fraction_anatomy"] == pytest.approx(anatomy_share(
-        r.head[heldout], r.stratum[heldout], r.prompt[heldout], reference.head, reference.is_female,
-        reference.stratum, 0)["share"])
+        r.head[heldout], r.stratum[heldout], r.prompt[heldout], parts, 0)["share"])
 
 
 def test_per_prompt_shares_are_corrected_with_their_stratum_s_rates():
