@@ -29,6 +29,19 @@ def test_an_exact_mixture_of_distribution_functions_gives_its_share():
     assert mixture_share(f_female + 0.5, f_female, f_male) == 1.0  # beyond either component: clipped
 
 
+def test_the_closed_form_is_the_least_squares_minimum_scipy_finds():
+    """Noisy distribution functions, and mixes past either end (p = -0.2, 1.3), where the closed form clips
+    and a bounded search stops at the bound."""
+    from scipy.optimize import minimize_scalar
+    rng = np.random.default_rng(4)
+    f_female, f_male = np.sort(rng.random(64)) ** 0.5, np.sort(rng.random(64)) ** 2
+    for p in (-0.2, 0.1, 0.455, 0.8, 1.3):
+        g = p * f_female + (1 - p) * f_male + rng.normal(0, 0.05, 64)
+        found = minimize_scalar(lambda q: ((g - q * f_female - (1 - q) * f_male) ** 2).sum(), bounds=(0, 1),
+                                method="bounded", options={"xatol": 1e-10})
+        assert mixture_share(g, f_female, f_male) == pytest.approx(found.x, abs=1e-6)
+
+
 def test_recovers_the_share_per_stratum_where_a_pooled_fit_would_not():
     """Two sequences whose head outlines read 0.05 apart: 0.2 women in one, 0.7 in the other. Fitted
     against the pooled real slices, the offset would pass for sex; fitted per stratum, it does not."""
