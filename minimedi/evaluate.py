@@ -2,7 +2,7 @@
 
 `fairness_report` draws images from the base model and the aligned one, with the same noise, for three
 prompt sets tuning never saw (`report_prompts`): the 64 held-out prompts, prompts that name sex, and unseen
-kinds of prompts. Networks with different roles judge them:
+kinds of prompts. Readers with different roles judge them:
 
 - the tuning classifier (`classifier.pt`, what alignment optimised);
 - an independent check classifier (`sex_check.pt`: the other architecture and another seed, trained on the
@@ -11,7 +11,9 @@ kinds of prompts. Networks with different roles judge them:
 - a feature network, the space of the FIDs. On the phantom it is the attribute probe (`minimedi.probe`,
   trained on real phantom slices), which also reads modality, side and lobe for text fidelity. On real
   data it is the check classifier, a network trained on the target images themselves: a probe trained on
-  the phantom has no meaning for real slices, so its rows are left out of the report, with a note.
+  the phantom has no meaning for real slices, so its rows are left out of the report, with a note;
+- no network at all: the share that fits the images' head sizes as a mix of real women's and men's
+  (`minimedi.anatomy_share`), for where the two classifiers disagree.
 
 Real target images that no classifier trained on (`minimedi.data.reference`: a fresh phantom corpus, or
 the held-out BraTS subjects) give each classifier's error rates, by which `minimedi.audit` corrects every
