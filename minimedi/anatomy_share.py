@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minimedi.shares import percentile_interval, resample_counts
+
 GRID = 256  # quantiles of the real head areas the distribution functions are compared at
 
 
@@ -47,8 +49,7 @@ def below(values, grid):
 
 def resampled(indicators, n_boot, rng):
     """[n_boot, K] bootstrap replicates of the distribution function whose indicators [N, K] are given."""
-    n = len(indicators)
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) @ indicators / n
+    return resample_counts(len(indicators), n_boot, rng) @ indicators / len(indicators)
 
 
 @dataclass
@@ -101,12 +102,10 @@ def anatomy_share(areas, stratum, cluster, parts, seed=0, level=0.95):
         fit_ks = max(fit_ks, float(np.abs(g - (p * ff + (1 - p) * fm)).max()))
 
         _, members = np.unique(cluster[here], return_inverse=True)
-        clusters = members.max() + 1
-        draws = rng.multinomial(clusters, np.full(clusters, 1.0 / clusters), size=parts.n_boot)  # [B, prompts]
+        draws = resample_counts(members.max() + 1, parts.n_boot, rng)  # [B, prompts]
         weights = draws[:, members].astype(np.float64)  # [B, images]: each image as often as its prompt
         n_s = weights.sum(1)
         total += n_s * mixture_share(weights @ mine / n_s[:, None], parts.female_boot[s], parts.male_boot[s])
         images += n_s
-    tail = 100 * (1 - level) / 2
-    ci = [float(v) for v in np.percentile(total / images, [tail, 100 - tail])] if parts.n_boot else None
+    ci = percentile_interval(total / images, level) if parts.n_boot else None
     return {"share": float(point / len(areas)), "ci": ci, "fit_ks": fit_ks}

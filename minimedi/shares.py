@@ -86,6 +86,17 @@ def corrected_share(called_female, stratum, rates):
     return float(total / len(stratum))
 
 
+def resample_counts(n, n_boot, rng):
+    """[n_boot, n]: how often each of n items is drawn in each of n_boot resamples of n with replacement."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+
+
+def percentile_interval(replicates, level):
+    """The bootstrap percentile interval [low, high] at `level` of the replicates."""
+    tail = 100 * (1 - level) / 2
+    return [float(v) for v in np.percentile(replicates, [tail, 100 - tail])]
+
+
 def bootstrap_shares(called_female, stratum, cluster, rates, n_boot, rng):
     """n_boot bootstrap replicates [n_boot] of `corrected_share`: whole clusters (prompts) resampled within
     each stratum, and the stratum's held-out women and men resampled (binomially) for its rates."""
@@ -96,7 +107,7 @@ def bootstrap_shares(called_female, stratum, cluster, rates, n_boot, rng):
         _, members = np.unique(cluster[here], return_inverse=True)
         female = np.bincount(members, weights=called_female[here].astype(np.float64))
         size = np.bincount(members).astype(np.float64)
-        draws = rng.multinomial(len(size), np.full(len(size), 1.0 / len(size)), size=n_boot)  # [B, clusters]
+        draws = resample_counts(len(size), n_boot, rng)  # [B, clusters]
         n_s = draws @ size
         tpr = rng.binomial(rates.n_female[s], rates.tpr[s], n_boot) / max(rates.n_female[s], 1)
         fpr = rng.binomial(rates.n_male[s], rates.fpr[s], n_boot) / max(rates.n_male[s], 1)
@@ -110,8 +121,7 @@ def share_estimate(called_female, stratum, cluster, rates, n_boot=1000, seed=0, 
     interval is the bootstrap percentile interval at `level` (None when the correction is undefined)."""
     replicates = bootstrap_shares(called_female, stratum, cluster, rates, n_boot,
                                   np.random.Generator(np.random.PCG64(seed)))
-    tail = 100 * (1 - level) / 2
-    ci = None if np.isnan(replicates).any() else [float(v) for v in np.percentile(replicates, [tail, 100 - tail])]
+    ci = None if np.isnan(replicates).any() else percentile_interval(replicates, level)
     point = corrected_share(called_female, stratum, rates)
     return {"n": len(called_female), "raw": float(np.mean(called_female)),
             "corrected": None if math.isnan(point) else point, "ci": ci}
