@@ -258,11 +258,17 @@ def classifier_optimizer(model, cfg):
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.steps))
 
 
-def classifier_step(model, opt, schedule, images, labels, train, batch, generator, device, blur=0.0):
-    """One AdamW step on an augmented random batch of the training ids; returns the loss."""
+def classifier_step(model, opt, schedule, images, labels, train, batch, generator, device, blur=0.0,
+                    rerendered=None, share=0.0):
+    """One AdamW step on an augmented random batch of the training ids; returns the loss. With `rerendered`
+    (the images re-rendered by the generator, `minimedi.rerender`), a `share` of the batch is drawn from them."""
     model.train()
     ids = train[torch.randint(len(train), (batch,), generator=generator)]
-    x = augment(images[ids], generator, blur=blur).to(device)
+    x = images[ids]
+    if rerendered is not None and share > 0:
+        swap = torch.rand(batch, generator=generator) < share
+        x = torch.where(swap[:, None, None, None], rerendered[ids].to(x), x)
+    x = augment(x, generator, blur=blur).to(device)
     loss = F.cross_entropy(model(x), labels[ids].to(device))
     opt.zero_grad(set_to_none=True)
     loss.backward()

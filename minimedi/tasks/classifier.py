@@ -15,12 +15,36 @@ from minimedi.classifier import (SUBGROUP_CLASSES, SubgroupClassifier, calibrate
                                  classifier_split, classifier_step, subgroup_labels)
 from minimedi.config import config_to_dict
 from minimedi.data.load import load_target_corpus
+from minimedi.errors import UserError
+from minimedi.pipeline import load_generator
+from minimedi.rerender import rerender
 
 
 def architecture(cfg):
     c = cfg.classifier
     return {"classifier": {"subgroup": c.subgroup, "arch": c.arch, "width": c.width},
             "data": {"image_size": cfg.data.image_size}}
+
+
+def rerendered_images(cfg, d, images, captions, train):
+    """(the training images re-rendered by the run's diffusion.pt, what it learned from) for
+    `--cls-rerendered` > 0; (None, None) otherwise. Held-out images stay real: they calibrate the classifier
+    and measure it on what it will be corrected with, real slices."""
+    c = cfg.classifier
+    if c.rerendered == 0:
+        return None, None
+    if not os.path.exists(os.path.join(cfg.run_dir, "diffusion.pt")):
+        raise UserError(f"--cls-rerendered re-renders the target images with the base model, but there is no "
+                        f"{cfg.run_dir}/diffusion.pt: run `python train.py --run {cfg.run_dir}` first")
+    generator = load_generator("diffusion", cfg.run_dir, d.device, truncate=True)
+    if generator.image_size != images.shape[-1]:
+        raise UserError(f"--cls-rerendered: {cfg.run_dir}/diffusion.pt draws {generator.image_size} px images, the "
+                        f"target images are {images.shape[-1]} px; pass --image-size {generator.image_size}")
+    print(f"re-rendering {len(train)} training images with {cfg.run_dir}/diffusion.pt (start {c.rerender_start})")
+    out = images.clone()
+    out[train] = rerender(generator, images[train], [captions[i] for i in train.tolist()], c.rerender_start,
+                          seed=cfg.run.seed)
+    return out, {"model": "diffusion.pt", "start": c.rerender_start, "share": c.rerendered}
 
 
 def make_classifier(cfg, d):
@@ -34,6 +58,7 @@ def make_classifier(cfg, d):
     torch.manual_seed(cfg.run.seed)
     g = torch.Generator().manual_seed(cfg.run.seed)
     train, val, heldout = classifier_split(images, labels, c, g, corpus.groups)
+    rerendered, rerendered_by = rerendered_images(cfg, d, images, corpus.captions, train)
     model = SubgroupClassifier(len(classes), c.width, images.shape[1], c.arch).to(d.device)
     opt, schedule = classifier_optimizer(model, c)
     metrics = {}
@@ -42,12 +67,13 @@ def make_classifier(cfg, d):
         return {"model": model.state_dict(), "config": config_to_dict(cfg), "architecture": architecture(cfg),
                 "data": corpus.provenance, "classes": list(classes),
                 "target_shares": class_shares(labels, len(classes)).tolist(), "split": {"heldout_groups": heldout},
-                "metrics": metrics}
+                "rerendered_by": rerendered_by, "metrics": metrics}
 
     loop = training.TrainLoop(path, c.steps, {"model": model, "optimizer": opt, "scheduler": schedule, "batches": g},
                               record, cfg.train.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="classifier")
     for step in loop:
-        loss = classifier_step(model, opt, schedule, images, labels, train, c.batch, g, d.device, c.blur)
+        loss = classifier_step(model, opt, schedule, images, labels, train, c.batch, g, d.device, c.blur,
+                               rerendered, c.rerendered)
         loop.check_finite(loss, step)
         if step % cfg.train.log_every == 0 or step == c.steps - 1:
             log(task="classifier", step=step, loss=loss)
