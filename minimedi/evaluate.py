@@ -57,7 +57,7 @@ def load_check_classifier(cfg, target_cfg, heldout, device):
     path = os.path.join(cfg.run_dir, "sex_check.pt")
     if not os.path.exists(path):
         print(f"training the independent sex classifier (vgg, seed {cfg.run.seed + 1}) -> {path}")
-        c = dataclasses.replace(cfg.classifier, subgroup="sex", arch="vgg")
+        c = dataclasses.replace(cfg.classifier, subgroup="sex", arch="vgg", rerendered=0.0)  # real images only
         corpus = load_target_corpus(target_cfg)
         torch.manual_seed(cfg.run.seed + 1)
         model, metrics = train_classifier(corpus.images.float(), subgroup_labels(corpus.attributes, "sex"), c,

@@ -11,6 +11,7 @@ their head areas unchanged: the re-rendering carries the trait. Trained on such 
 image's label, the classifier has no use for it.
 """
 import torch
+from tqdm import tqdm
 
 from minimedi import diffusion
 
@@ -24,7 +25,7 @@ def rerender(generator, images, captions, start=0.4, steps=10, guidance=3.0, see
     log_snrs = diffusion.sampling_log_snrs(steps, generator.diffusion.schedule, generator.device)[round(start * steps):]
     g = torch.Generator().manual_seed(seed)
     out = []
-    for first in range(0, len(images), batch_size):
+    for first in tqdm(range(0, len(images), batch_size), desc="re-render", leave=False, disable=None):
         x0 = images[first:first + batch_size].float().to(generator.device)
         states, mask, pooled = generator.encoder.encode(captions[first:first + batch_size])
         denoise = diffusion.make_denoiser(generator.unet, states, mask, pooled, guidance,
