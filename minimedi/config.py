@@ -182,9 +182,9 @@ class ClassifierConfig:
                          flag="--cls-holdout", gt=0, lt=1)
     blur: float = opt(0.0, "augmentation: the largest weight of a 3 x 3 box blur mixed into each training image",
                       flag="--cls-blur", ge=0, le=1)
-    rerendered: float = opt(0.0, "share of the training images shown re-rendered by the run's diffusion.pt "
-                                 "(SDEdit, minimedi.rerender) under their real label", flag="--cls-rerendered",
-                            ge=0, le=1)
+    rerendered: float = opt(0.5, "share of the training images shown re-rendered by the run's diffusion.pt "
+                                 "(SDEdit, minimedi.rerender) under their real label; 0: real images only, "
+                                 "and no diffusion.pt needed", flag="--cls-rerendered", ge=0, le=1)
     rerender_start: float = opt(0.4, "where in the 10-step DDIM chain the re-rendering starts (0: pure noise, "
                                      "1: the image itself)", flag="--cls-rerender-start", ge=0, le=1)
 

@@ -1,5 +1,7 @@
 """Real images re-rendered by the base model: seeded, partial chains keep more of the image the later they
 start, and `--cls-rerendered` trains the classifier on them and says so in its checkpoint."""
+import os
+
 import pytest
 import torch
 
@@ -62,9 +64,19 @@ def test_classifier_task_trains_on_rerendered_images_and_records_it(tiny_base, t
     assert ckpt["config"]["classifier"]["rerendered"] == 0.5 and 0 <= ckpt["metrics"]["accuracy"] <= 1
 
 
-def test_rerendering_without_a_base_model_is_one_line(tmp_path, capsys):
+def test_the_classifier_task_makes_the_base_model_first_only_when_it_rerenders(tmp_path, capsys):
+    quick = TINY + ["--task", "classifier", "--n-pretrain", "64", "--clip-steps", "2", "--steps", "2"]
+    train.main(quick + ["--run", str(tmp_path / "plain"), "--cls-rerendered", "0"])
+    assert sorted(os.listdir(tmp_path / "plain")) == ["classifier.pt", "log.jsonl"]
+    train.main(quick + ["--run", str(tmp_path / "rerendered")])
+    assert "diffusion.pt not found: making it first" in capsys.readouterr().out
+    assert {"clip.pt", "diffusion.pt", "classifier.pt"} <= set(os.listdir(tmp_path / "rerendered"))
+
+
+def test_a_base_model_of_another_size_is_one_line(tiny_base, tmp_path, capsys):
+    run = copy_run(tiny_base, tmp_path / "run", only=["clip.pt", "diffusion.pt"])
     with pytest.raises(SystemExit) as stop:
-        run_main(train.main, TINY + ["--run", str(tmp_path), "--task", "classifier", "--cls-rerendered", "0.5"])
+        run_main(train.main, TINY + ["--run", str(run), "--task", "classifier", "--image-size", "8"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and "python train.py --run" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "classifier.pt").exists()
+    assert stop.value.code == 2 and "--image-size 16" in err and len(err.strip().splitlines()) == 1
+    assert not (run / "classifier.pt").exists()

@@ -28,7 +28,8 @@ TASKS = {
     "clip": (train, lambda n: ["--task", "clip", "--n-pretrain", "64", "--clip-steps", str(n)], "clip.pt", (), 12),
     "diffusion": (train, lambda n: ["--n-pretrain", "64", "--steps", str(n)], "diffusion.pt", ("clip.pt",), 30),
     "sr": (train, lambda n: ["--task", "sr", "--sr-steps", str(n)], "sr.pt", ("clip.pt", "diffusion.pt"), 30),
-    "classifier": (train, lambda n: ["--task", "classifier", "--cls-steps", str(n)], "classifier.pt", (), 30),
+    "classifier": (train, lambda n: ["--task", "classifier", "--cls-steps", str(n)], "classifier.pt",
+                   ("clip.pt", "diffusion.pt"), 30),
     "aligned": (align, lambda n: ["--align-steps", str(n), "--align-ckpt-every", "2", "--no-report"], "aligned.pt",
                 ("clip.pt", "diffusion.pt", "classifier.pt"), 12),
 }

@@ -1,8 +1,11 @@
 """The pipeline of artifacts: what each file of a run folder is, what makes it, and what it needs first.
 
     clip.pt ─────> diffusion.pt ──┬──> sr.pt (the cascade's super-resolution stage)
-                                  ├──> aligned.pt ──> report.md / report.json / fairness.png
-    classifier.pt ────────────────┘
+                        │         ├──> aligned.pt ──> report.md / report.json / fairness.png
+                        └──> classifier.pt ──┘
+
+(classifier.pt needs diffusion.pt only to re-render its training images, `--cls-rerendered`; at 0 it
+learns from the target corpus alone.)
 
 Each artifact is made by one function (`make_<name>(cfg, d)`, one file each in this package). Scripts call
 `run(cfg, name)`: it makes what the run is missing first (`ensure`), then the artifact asked for. A missing
@@ -56,8 +59,9 @@ ARTIFACTS = {
                           "python train.py", ("clip", "unet", "diffusion", "train"), ddp=True, data="pretrain"),
     # needs no prerequisite made on demand: without the run's diffusion.pt it refuses (`tasks.sr.base_model`)
     "sr": Artifact("sr.pt", make_sr, lambda cfg: (), "python train.py --task sr", ("sr",), ddp=True),
-    "classifier": Artifact("classifier.pt", make_classifier, lambda cfg: (), "python train.py --task classifier",
-                           ("classifier",), ddp=False, data="target"),
+    "classifier": Artifact("classifier.pt", make_classifier,
+                           lambda cfg: ("diffusion",) if cfg.classifier.rerendered else (),
+                           "python train.py --task classifier", ("classifier",), ddp=False, data="target"),
     "aligned": Artifact("aligned.pt", make_aligned, lambda cfg: ("diffusion", "classifier"), "python align.py",
                         ("align",), ddp=False),
     "report": Artifact("report.json", make_report, lambda cfg: ("diffusion", "classifier"),

@@ -33,9 +33,6 @@ def rerendered_images(cfg, d, images, captions, train):
     c = cfg.classifier
     if c.rerendered == 0:
         return None, None
-    if not os.path.exists(os.path.join(cfg.run_dir, "diffusion.pt")):
-        raise UserError(f"--cls-rerendered re-renders the target images with the base model, but there is no "
-                        f"{cfg.run_dir}/diffusion.pt: run `python train.py --run {cfg.run_dir}` first")
     generator = load_generator("diffusion", cfg.run_dir, d.device, truncate=True)
     if generator.image_size != images.shape[-1]:
         raise UserError(f"--cls-rerendered: {cfg.run_dir}/diffusion.pt draws {generator.image_size} px images, the "
