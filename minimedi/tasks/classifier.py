@@ -5,6 +5,10 @@ A calibrated classifier of the target corpus's subgroups (`--subgroup sex | age 
 ones (no subject on both sides). The share of each class in the target corpus is the alignment's target
 distribution, recorded as "target_shares"; the held-out subjects are recorded as "split", so the report's
 independent check classifier and its confusion matrices use the same ones.
+
+The classifier's job is to read *generated* images, so by default half of each training batch shows the
+training images re-rendered by the run's diffusion.pt (`minimedi.rerender`), under their real labels: a
+classifier of real images alone took a trait of the generator's T1 images for a female cue.
 """
 import os
 
