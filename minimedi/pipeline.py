@@ -46,6 +46,13 @@ class TextToImage:
     def device(self):
         return next(self.unet.parameters()).device
 
+    def denoiser(self, prompts, guidance):
+        """`diffusion.make_denoiser` for these captions (one image each), with the model's parametrisation
+        and dynamic thresholding."""
+        states, mask, pooled = self.encoder.encode(prompts)
+        return diffusion.make_denoiser(self.unet, states, mask, pooled, guidance, self.diffusion.prediction,
+                                       self.diffusion.dynamic_threshold)
+
     @torch.inference_mode()
     def __call__(self, prompts, steps=50, sampler="ddim", guidance=3.0, eta=0.0, seed=0, batch_size=128,
                  generator=None):
@@ -55,9 +62,7 @@ class TextToImage:
         images = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            states, mask, pooled = self.encoder.encode(chunk)
-            denoise = diffusion.make_denoiser(self.unet, states, mask, pooled, guidance, self.diffusion.prediction,
-                                              self.diffusion.dynamic_threshold)
+            denoise = self.denoiser(chunk, guidance)
             shape = (len(chunk), 1, self.image_size, self.image_size)
             images.append(diffusion.sample(denoise, shape, steps, sampler, self.diffusion.schedule, eta,
                                            generator=g, device=self.device).cpu())

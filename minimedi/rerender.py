@@ -18,7 +18,7 @@ from minimedi import diffusion
 
 @torch.inference_mode()
 def rerender(generator, images, captions, start=0.4, steps=10, guidance=3.0, seed=0, batch_size=128):
-    """images [N, 1, S, S] in [-1, 1] and their captions -> [N, 1, S, S]: each image noised (`q_sample`) to
+    """images [N >= 1, 1, S, S] in [-1, 1] and their captions -> [N, 1, S, S]: each image noised (`q_sample`) to
     the log-SNR at step round(start * steps) of a `steps`-step DDIM chain (start 0: pure noise, the full
     chain; 1: the image itself), then denoised along the rest of the chain by the generator's UNet with
     its caption and classifier-free guidance. The same seed gives the same images."""
@@ -27,10 +27,8 @@ def rerender(generator, images, captions, start=0.4, steps=10, guidance=3.0, see
     out = []
     for first in tqdm(range(0, len(images), batch_size), desc="re-render", leave=False, disable=None):
         x0 = images[first:first + batch_size].float().to(generator.device)
-        states, mask, pooled = generator.encoder.encode(captions[first:first + batch_size])
-        denoise = diffusion.make_denoiser(generator.unet, states, mask, pooled, guidance,
-                                          generator.diffusion.prediction, generator.diffusion.dynamic_threshold)
+        denoise = generator.denoiser(captions[first:first + batch_size], guidance)
         noise = torch.randn(x0.shape, generator=g).to(x0)
         x = diffusion.q_sample(x0, log_snrs[0].expand(len(x0)), noise)
         out.append(diffusion.sample_ddim(denoise, x, log_snrs).cpu())
-    return torch.cat(out) if out else images.float().clone()
+    return torch.cat(out)
