@@ -203,8 +203,9 @@ class AlignConfig:
                                     "assignment over the whole batch, the ablation)")
     named_sex: float = opt(0.25, "share of tuning prompts that name sex, with that sex as their target "
                                  "(0 = none, the ablation)", ge=0, le=1)
-    cap: str = opt("match", "stop pushing an image once the classifier is as sure of it as of its matched real "
-                            "target image (match), or never (none)", flag="--align-cap", choices=("match", "none"))
+    cap: str = opt("match", "pull each image to the classifier's reading of its matched real target image from "
+                            "either side (match), only stop pushing it there (stop), or plain cross-entropy (none)",
+                   flag="--align-cap", choices=("match", "stop", "none"))
     lr: float = opt(1e-3, "alignment learning rate", flag="--align-lr", gt=0)
     ddim_steps: int = opt(10, "DDIM steps in the differentiable sampler", flag="--align-ddim-steps", ge=1)
     grad_steps: int = opt(3, "of those, how many (a random subset per step) carry gradient; 0 = all",

@@ -9,8 +9,10 @@ and asks a frozen subgroup classifier what it sees:
    by the classifier's p(female) and call the top n r "female" (randomized rounding), the rest "male": for
    one binary attribute this is the optimal transport between the prompt's images and its target
    distribution (r = the target female share for a prompt that does not name sex; 1 or 0 for one that
-   does). Assignments the classifier is already as sure of as of its matched real target image are
-   dropped (`matched_caps`). The loss is the classifier's cross-entropy against the kept targets.
+   does). Cross-entropy against these hard targets would push p(class) towards 1 without end, and with it
+   the anatomy the classifier reads (head size) past the real range. So each prompt's readings are instead
+   matched, in order, to those of real target images at the prompt's share (`matched_log_odds`), and the
+   loss pulls each image to its match from either side.
    Shen et al. also drop the assignments that a fresh target sample of n would often contradict
    (`uncertainty`, threshold 0.2); here that filter is off by default (threshold 1), because it weakens
    the pull exactly where it matters: with 12 images at r = 0.455 it drops ranks 4-6, so a batch read with
@@ -141,30 +143,76 @@ def matched_caps(toward, targets, groups, real_toward):
     return caps
 
 
+def matched_log_odds(log_odds, groups, shares, real_toward, offsets=None):
+    """The calibrated log-odds of female each image is pulled to, [N]: within each prompt, the monotone (1D
+    optimal-transport) matching of its images' `log_odds` to the readings of a real target population with
+    the prompt's female share r.
+
+    That population's log-odds are distributed as the mix r F_women + (1 - r) F_men of the classifier's
+    readings of real women and men (`real_confidence`; real_toward = ([men toward male], [women toward
+    female])). The prompt's n images, sorted, take that mix's quantiles at the levels (k + u) / n, u the
+    prompt's rounding offset (`ot_assign`; None: 0.5, the midpoints). This is Shen et al.'s OT to the two
+    points {male, female} with weights (1 - r, r), each point replaced by how real images of that sex
+    actually read: a named-woman prompt (r = 1) is matched to real women's readings, ambiguous ones
+    included, rather than to p(female) = 1, which the classifier reaches by drawing smaller heads than any
+    real woman's.
+    """
+    women, men = real_toward[1], -real_toward[0]
+    values, order = torch.cat([women, men]).sort()
+    offsets = [0.5] * len(shares) if offsets is None else offsets.tolist()
+    matched = torch.empty_like(log_odds)
+    for g, (share, offset) in enumerate(zip(shares.tolist(), offsets)):
+        weights = torch.cat([torch.full_like(women, share / len(women)), torch.full_like(men, (1 - share) / len(men))])
+        cdf = weights[order].cumsum(0)
+        idx = torch.nonzero(groups == g).squeeze(1)
+        levels = (torch.arange(len(idx), dtype=cdf.dtype) + offset) / len(idx)
+        # The inverse CDF; side="right" skips the zero-weight sex at level 0.
+        quantiles = values[torch.searchsorted(cdf, levels, right=True).clamp(max=len(values) - 1)]
+        matched[idx[torch.argsort(log_odds[idx], stable=True)]] = quantiles.to(matched)
+    return matched
+
+
 def distributional_alignment_loss(logits, groups, shares, threshold=1.0, temperature=1.0, real_toward=None,
-                                  offsets=None):
-    """Cross-entropy of the classifier's `logits` [N, 2] (class 1 = female; they carry the gradient) against
-    the targets of `assign_within_prompts`, from the calibrated p(female) = softmax(logits / temperature)
-    without grad. With `real_toward` (the calibrated log-odds of real target images toward their own
-    class, ([males], [females]), `real_confidence`), an assignment is also dropped once its image is as
-    confident as its matched real image (`matched_caps`). The loss averages over the kept assignments.
-    Returns (loss, stats): "kept" (assignments used) and "capped" (dropped by the cap)."""
+                                  offsets=None, cap="match"):
+    """The alignment loss on the classifier's `logits` [N, 2] (class 1 = female; they carry the gradient),
+    from the calibrated log-odds t = (logit_1 - logit_0) / temperature without grad and the assignments of
+    `assign_within_prompts` (the uncertainty filter decides which are kept). The loss averages over the kept
+    images:
+
+    * real_toward None: cross-entropy against the assigned class, which pushes p(class) towards 1 forever;
+    * cap "match": T KL(sigmoid(c) || sigmoid(t)), c the matched real log-odds (`matched_log_odds`). Its
+      gradient in the raw log-odds is sigmoid(t) - sigmoid(c), on the scale of the cross-entropy's: it pushes an
+      image toward its matched real reading from either side, and pulls back one the classifier is surer of
+      than of its real match;
+    * cap "stop": cross-entropy, with an assignment dropped once its image is as confident as its matched real
+      image of its class (`matched_caps`): one-sided, so what is already past the real range stays there.
+
+    Returns (loss, stats): "kept" (images used) and "past_real" (of those, the ones more confident of their
+    assigned class than their real match: dropped by "stop", pulled back by "match")."""
     log_odds = (logits[:, 1] - logits[:, 0]).detach() / temperature  # log p(female) / p(male), calibrated
-    p = torch.sigmoid(log_odds)
-    targets, keep = assign_within_prompts(p, groups, shares, threshold, offsets)
-    certain = int(keep.sum())
+    targets, keep = assign_within_prompts(torch.sigmoid(log_odds), groups, shares, threshold, offsets)
+    past = torch.zeros_like(keep)
+    if real_toward is not None and cap == "match":
+        matched = matched_log_odds(log_odds, groups, shares, real_toward, offsets)
+        past = keep & torch.where(targets == 1, log_odds > matched, log_odds < matched)
+        q, t = torch.sigmoid(matched[keep]).to(logits), (logits[keep, 1] - logits[keep, 0]) / temperature
+        entropy = -(torch.xlogy(q, q) + torch.xlogy(1 - q, 1 - q))
+        per_image = F.binary_cross_entropy_with_logits(t, q, reduction="none") - entropy
+        loss = temperature * per_image.mean() if keep.any() else logits.sum() * 0.0
+        return loss, {"kept": int(keep.sum()), "past_real": int(past.sum())}
     if real_toward is not None:
         toward = torch.where(targets == 1, log_odds, -log_odds)
-        keep &= toward < matched_caps(toward, targets, groups, real_toward)
+        past = keep & (toward >= matched_caps(toward, targets, groups, real_toward))
+        keep &= ~past
     # Nothing kept: a zero that still belongs to the graph, so backward() works.
     loss = F.cross_entropy(logits[keep], targets[keep]) if keep.any() else logits.sum() * 0.0
-    return loss, {"kept": int(keep.sum()), "capped": certain - int(keep.sum())}
+    return loss, {"kept": int(keep.sum()), "past_real": int(past.sum())}
 
 
 @torch.no_grad()
 def real_confidence(classifier, images, is_female, batch_size=256):
     """(log-odds of real males toward male, of real females toward female): float64, CPU, from the
-    calibrated classifier on real target images it did not train on; what `matched_caps` matches to."""
+    calibrated classifier on real target images it did not train on; what `matched_log_odds` matches to."""
     device = next(classifier.parameters()).device
     logits = torch.cat([classifier(x.to(device).float()).cpu() for x in images.split(batch_size)]).double()
     log_odds = (logits[:, 1] - logits[:, 0]) / float(classifier.temperature)

@@ -11,7 +11,7 @@ from minimedi.clip import CLIP, CLIPConfig
 from minimedi.fairness import (
     assign_within_prompts, binomial_cdf, clip_consistency_loss, consistency_weights, distributional_alignment_loss,
     hungarian, joint_alignment_loss, joint_ot_assign, kl_alignment_loss, largest_remainder_counts, matched_caps,
-    ot_assign, prompt_batch, real_confidence, uncertainty)
+    matched_log_odds, ot_assign, prompt_batch, real_confidence, uncertainty)
 
 
 def transport_cost(probs, targets):
@@ -152,7 +152,7 @@ def test_distributional_alignment_loss_keeps_confident_ranks_and_only_logits_get
     n_female = round(n * r + 1e-9)
     cdf = [sum(math.comb(n, k) * r ** k * (1 - r) ** (n - k) for k in range(j + 1)) for j in range(n)]
     kept = [(i, int(j < n_female)) for j, i in enumerate(order) if (cdf[j] if j < n_female else 1 - cdf[j]) <= 0.2]
-    assert stats == {"kept": len(kept), "capped": 0} and 0 < len(kept) < n
+    assert stats == {"kept": len(kept), "past_real": 0} and 0 < len(kept) < n
     idx, y = torch.tensor([i for i, _ in kept]), torch.tensor([t for _, t in kept])
     torch.testing.assert_close(loss, F.cross_entropy(logits[idx], y))
     loss.backward()
@@ -218,11 +218,69 @@ def test_matched_caps_stop_the_push_at_the_matched_real_confidence():
     torch.testing.assert_close(caps, torch.tensor([0.25, 0.75, 0.25, 0.75], dtype=torch.float64) * 9.8)
     # In the loss: a named-woman prompt whose two most confident images are past their caps.
     logits = torch.stack([torch.zeros(4), toward.float()], 1).requires_grad_()
-    loss, stats = distributional_alignment_loss(logits, one_prompt(4), torch.tensor([1.0]), real_toward=real_toward)
-    assert stats == {"kept": 2, "capped": 2}
+    loss, stats = distributional_alignment_loss(logits, one_prompt(4), torch.tensor([1.0]), real_toward=real_toward,
+                                                cap="stop")
+    assert stats == {"kept": 2, "past_real": 2}
     torch.testing.assert_close(loss, F.cross_entropy(logits[[0, 2]], torch.ones(2, dtype=torch.long)))
     loss.backward()
     assert logits.grad[[1, 3]].abs().sum() == 0 and logits.grad[[0, 2]].abs().min() > 0
+
+
+def mix_quantile(women, men, r, level):
+    """The level-quantile (inverse CDF) of r x real women's log-odds of female + (1 - r) x real men's, by
+    walking the sorted atoms: an independent reference for `matched_log_odds`."""
+    atoms = sorted([(float(v), r / len(women)) for v in women] + [(float(v), (1 - r) / len(men)) for v in men])
+    total = 0.0
+    for value, weight in atoms:
+        total += weight
+        if weight > 0 and total > level:
+            return value
+    return atoms[-1][0]
+
+
+@pytest.mark.parametrize("r", [1.0, 0.0, 0.455])
+def test_matched_log_odds_are_the_real_mix_quantiles_in_the_images_order(r):
+    g = torch.Generator().manual_seed(1)
+    real_toward = (torch.randn(70, generator=g, dtype=torch.float64) + 2, torch.randn(90, generator=g, dtype=torch.float64) + 1.5)
+    women, men = real_toward[1].tolist(), (-real_toward[0]).tolist()
+    log_odds = torch.randn(24, generator=g, dtype=torch.float64)
+    groups, shares, offsets = torch.arange(2).repeat_interleave(12), torch.tensor([r, 0.5]), torch.tensor([0.5, 0.1])
+    matched = matched_log_odds(log_odds, groups, shares, real_toward, offsets)
+    for p, (share, u) in enumerate(zip(shares.tolist(), offsets.tolist())):
+        images = range(12 * p, 12 * p + 12)
+        by_reading = sorted(images, key=lambda i: float(log_odds[i]))
+        for k, i in enumerate(by_reading):
+            assert float(matched[i]) == mix_quantile(women, men, share, (k + u) / 12)
+    # A named woman's images are matched to real women's readings only, a named man's to real men's.
+    if r == 1.0:
+        assert set(matched[:12].tolist()) <= set(women)
+    if r == 0.0:
+        assert set(matched[:12].tolist()) <= set(men)
+
+
+def test_matched_loss_pulls_each_image_to_its_match_from_either_side():
+    """The "match" loss is T KL(sigmoid(c) || sigmoid(t)): zero when every image reads as its real match,
+    and its gradient in the raw logit difference is sigmoid(t) - sigmoid(c), so an image the classifier is
+    surer of than of its match is pulled back, toward the real range."""
+    real_toward = (torch.arange(50, dtype=torch.float64) * 0.2, torch.arange(100, dtype=torch.float64) * 0.1)
+    temperature = 1.5
+    t = torch.tensor([0.5, 9.0, 3.0, 7.0], dtype=torch.float64)
+    matched = matched_log_odds(t, one_prompt(4), torch.tensor([1.0]), real_toward)
+    torch.testing.assert_close(matched, torch.tensor([1.2, 8.7, 3.7, 6.2], dtype=torch.float64))
+    logits = torch.stack([torch.zeros(4), t * temperature], 1).requires_grad_()
+    loss, stats = distributional_alignment_loss(logits, one_prompt(4), torch.tensor([1.0]), temperature=temperature,
+                                                real_toward=real_toward)
+    assert stats == {"kept": 4, "past_real": 2}  # 9.0 and 7.0 read surer than their matches 8.7 and 6.2
+    q, p = torch.sigmoid(matched), torch.sigmoid(t)
+    kl = q * torch.log(q / p) + (1 - q) * torch.log((1 - q) / (1 - p))
+    torch.testing.assert_close(loss, temperature * kl.mean())
+    loss.backward()
+    torch.testing.assert_close(logits.grad[:, 1], (p - q) / 4)
+    assert logits.grad[[1, 3], 1].min() > 0 and logits.grad[[0, 2], 1].max() < 0
+    at_match = torch.stack([torch.zeros(4), matched * temperature], 1)
+    loss, _ = distributional_alignment_loss(at_match, one_prompt(4), torch.tensor([1.0]), temperature=temperature,
+                                            real_toward=real_toward)
+    assert abs(float(loss)) < 1e-12
 
 
 def test_real_confidence_reads_calibrated_log_odds_toward_each_image_s_own_class():

@@ -11,8 +11,8 @@ and prompt (DESIGN.md, "Alignment tuning"; Shen et al. 2024). Per step:
      the frozen teacher samples from the same noise without;
   2. distributional alignment, within each prompt's M images: rank by the calibrated p(female), assign the
      top M r (randomized rounding) to "female" (optimal transport to the prompt's target share r: the target
-     corpus' share, or 1 / 0 for a prompt naming a woman / a man), drop the assignments the classifier is
-     already as sure of as of real target images (--align-cap), cross-entropy (`fairness.py`);
+     corpus' share, or 1 / 0 for a prompt naming a woman / a man); the loss pulls each image, from either
+     side, to the classifier's reading of its matched real target image (--align-cap, `fairness.py`);
   3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))).
 
 aligned.pt holds the EMA of the tuned weights with the adapters merged, so it loads like diffusion.pt
@@ -63,17 +63,18 @@ def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_
         loss = fairness.kl_alignment_loss(torch.softmax(logits / classifier.temperature, -1), target, groups)
     elif len(shares) == 2:
         loss, stats = fairness.distributional_alignment_loss(logits, groups, prompt_shares, cfg.align.uncertainty,
-                                                             float(classifier.temperature), real_toward, offsets)
+                                                             float(classifier.temperature), real_toward, offsets,
+                                                             cfg.align.cap)
     else:
         loss, _ = fairness.joint_alignment_loss(logits, probs, shares, groups)
     return loss, class_shares(probs.argmax(-1), len(shares)), stats
 
 
 def real_confidence(cfg, classifier, cls_ckpt):
-    """The cap of `--align-cap match`: the calibrated log-odds of real target images held out from the
+    """What `--align-cap match` / `stop` matches to: the calibrated log-odds of real target images held out from the
     classifier toward their own sex (`fairness.real_confidence`); None when there is no cap."""
     a = cfg.align
-    if a.cap != "match" or a.loss != "dal" or cls_ckpt["classes"] != ["male", "female"]:
+    if a.cap == "none" or a.loss != "dal" or cls_ckpt["classes"] != ["male", "female"]:
         return None
     real = reference_corpus(config_from_dict(cls_ckpt["config"]).data, cls_ckpt["split"]["heldout_groups"])
     is_female = torch.tensor([x["sex"] == "female" for x in real.attributes])
