@@ -1,7 +1,7 @@
 """`ScaleGrad`: identity on the way forward, a constant factor on the gradient on the way back.
 
 Two places need a gradient that differs from the forward's by a known constant:
-- the differentiable sampler of alignment tuning (`fairness.sample_ddim_with_grad`) detaches every UNet
+- the differentiable sampler of alignment tuning (`differentiable_sampler.sample_ddim_with_grad`) detaches every UNet
   input and scales each step's prediction gradient by its chain factor, so that one step carries the
   gradient the whole chain would have passed to it;
 - the CLIP loss under DDP (`distributed.gather_with_local_grad`) scales the local slice of the gathered

@@ -1,4 +1,4 @@
-"""Alignment losses, against brute force, explicit sums and hand algebra (the sampler: test_fairness_sampler.py)."""
+"""Alignment losses, against brute force, explicit sums and hand algebra (the sampler: test_differentiable_sampler.py)."""
 import itertools
 import math
 

@@ -7,8 +7,8 @@ and prompt (DESIGN.md, "Alignment tuning"; Shen et al. 2024). Per step:
 
   1. a batch of --align-batch noise images for batch / M tuning prompts, M = --align-per-prompt images each;
      a share --named-sex of the prompts name sex. The student (LoRA adapters on the UNet, or the whole UNet
-     with --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling, `fairness.py`);
-     the frozen teacher samples from the same noise without;
+     with --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling,
+     `differentiable_sampler.py`); the frozen teacher samples from the same noise without;
   2. distributional alignment, within each prompt's M images: rank by the calibrated p(female), assign the
      top M r (randomized rounding) to "female" (optimal transport to the prompt's target share r: the target
      corpus' share, or 1 / 0 for a prompt naming a woman / a man); the loss pulls each image, from either
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from minimedi import diffusion, fairness, training
+from minimedi import differentiable_sampler, diffusion, fairness, training
 from minimedi.checkpoint import load_checkpoint
 from minimedi.classifier import class_shares, load_classifier
 from minimedi.config import config_from_dict, config_to_dict
@@ -131,14 +131,14 @@ def make_aligned(cfg, d):
         offsets = torch.rand(len(prompt_shares), generator=g)  # randomized rounding of each prompt's n r women
         states, mask, pooled = encoder.encode(captions)
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
-        grad_steps = fairness.random_grad_steps(a.ddim_steps, a.grad_steps, g)
-        x_student = fairness.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
+        grad_steps = differentiable_sampler.random_grad_steps(a.ddim_steps, a.grad_steps, g)
+        x_student = differentiable_sampler.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
                                                    prediction, checkpoint=a.checkpoint, grad_steps=grad_steps)
         align, fractions, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
                                                  shares, real_toward, offsets)
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
-            x_teacher = fairness.sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled,
+            x_teacher = differentiable_sampler.sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled,
                                                      a.guidance, prediction)
             clip = fairness.clip_consistency_loss(encoder.clip, x_student, x_teacher)
             loss = align + a.lambda_clip * clip

@@ -1,4 +1,4 @@
-"""The differentiable sampler behind alignment tuning (`minimedi.fairness`): its forward against the plain
+"""The differentiable sampler behind alignment tuning (`minimedi.differentiable_sampler`): its forward against the plain
 DDIM sampler, its gradients against single-step ones and hand algebra, and its memory under checkpointing."""
 import math
 
@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from minimedi.config import make_config
 from minimedi.diffusion import alpha_sigma, make_denoiser, sample_ddim, sampling_log_snrs
-from minimedi.fairness import chain_factors, random_grad_steps, sample_ddim_teacher, sample_ddim_with_grad
+from minimedi.differentiable_sampler import chain_factors, random_grad_steps, sample_ddim_teacher, sample_ddim_with_grad
 from minimedi.lora import inject_lora
 from minimedi.unet import UNet, token_mask
 
