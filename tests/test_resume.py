@@ -15,7 +15,7 @@ import torch
 
 import align
 import train
-from minimedi import diffusion
+from minimedi import diffusion, tasks
 from minimedi.checkpoint import load_checkpoint
 from minimedi.errors import UserError
 from tests.helpers import TINY, assert_same_tensors, copy_run
@@ -48,7 +48,7 @@ def interrupt_after_first_checkpoint(script, args, path):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_ctrl_c_then_resume_equals_uninterrupted(task, tiny_base, tmp_path):
+def test_ctrl_c_then_resume_equals_uninterrupted(task, tiny_base, tmp_path, monkeypatch):
     script, flags, artifact, needs, steps = TASKS[task]
     common = TINY + flags(steps) + ["--ckpt-every", "2"] * (script is train)
     straight = copy_run(tiny_base, tmp_path / "straight", needs)
@@ -60,7 +60,11 @@ def test_ctrl_c_then_resume_equals_uninterrupted(task, tiny_base, tmp_path):
     stopped = load_checkpoint(resumed / artifact)
     assert 2 <= stopped["step"] < steps and not stopped["finished"], "the interrupt came too late to test resume"
     assert "continue with --resume" in out
+    if task == "classifier":  # the interrupted run's re-rendered training images are taken back, not drawn again
+        assert (resumed / "classifier.rerendered.pt").exists()
+        monkeypatch.setattr(tasks.classifier, "rerender", lambda *args, **kwargs: pytest.fail("re-rendered again"))
     script.main(common + ["--run", str(resumed), "--resume"])
+    assert not (resumed / "classifier.rerendered.pt").exists()
 
     a, b = load_checkpoint(straight / artifact), load_checkpoint(resumed / artifact)
     assert a["step"] == b["step"] == steps and b["finished"]

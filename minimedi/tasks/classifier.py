@@ -10,11 +10,13 @@ The classifier's job is to read *generated* images, so by default half of each t
 training images re-rendered by the run's diffusion.pt (`minimedi.rerender`), under their real labels: a
 classifier of real images alone took a trait of the generator's T1 images for a female cue.
 """
+import hashlib
 import os
 
 import torch
 
 from minimedi import training
+from minimedi.atomic import atomic_path
 from minimedi.classifier import (SUBGROUP_CLASSES, SubgroupClassifier, calibrate, class_shares, classifier_optimizer,
                                  classifier_split, classifier_step, subgroup_labels)
 from minimedi.config import config_to_dict
@@ -41,11 +43,43 @@ def rerendered_images(cfg, d, images, captions, train):
     if generator.image_size != images.shape[-1]:
         raise UserError(f"--cls-rerendered: {cfg.run_dir}/diffusion.pt draws {generator.image_size} px images, the "
                         f"target images are {images.shape[-1]} px; pass --image-size {generator.image_size}")
-    print(f"re-rendering {len(train)} training images with {cfg.run_dir}/diffusion.pt (start {c.rerender_start})")
     out = images.clone()
-    out[train] = rerender(generator, images[train], [captions[i] for i in train.tolist()], c.rerender_start,
-                          seed=cfg.run.seed)
+    out[train] = kept_rerender(cfg, generator, images[train], [captions[i] for i in train.tolist()])
     return out, {"model": "diffusion.pt", "start": c.rerender_start, "share": c.rerendered}
+
+
+def rerender_cache_path(cfg):
+    return os.path.join(cfg.run_dir, "classifier.rerendered.pt")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def kept_rerender(cfg, generator, images, captions):
+    """`rerender` of the training images, kept in <run>/classifier.rerendered.pt until the classifier is
+    finished, so that --resume takes them back instead of spending minutes drawing them again. They are taken
+    back only for the same diffusion.pt (its bytes), settings and images, and drawn again otherwise."""
+    c, path = cfg.classifier, rerender_cache_path(cfg)
+    key = {"diffusion.pt": file_sha256(os.path.join(cfg.run_dir, "diffusion.pt")), "start": c.rerender_start,
+           "seed": cfg.run.seed, "images": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    if cfg.run.resume and os.path.exists(path):
+        try:
+            kept = torch.load(path, weights_only=True)
+        except Exception:  # unreadable: drawn again, as if it were not there
+            kept = {"key": None}
+        if kept["key"] == key:
+            print(f"re-rendered training images taken back from {path}")
+            return kept["images"]
+    print(f"re-rendering {len(images)} training images with {cfg.run_dir}/diffusion.pt (start {c.rerender_start})")
+    rendered = rerender(generator, images, captions, c.rerender_start, seed=cfg.run.seed)
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "images": rendered}, tmp)
+    return rendered
 
 
 def make_classifier(cfg, d):
@@ -84,5 +118,7 @@ def make_classifier(cfg, d):
           f"{len(heldout)} held-out subjects, ECE {metrics['ece_uncalibrated']:.3f} -> {metrics['ece']:.3f} after "
           f"temperature {metrics['temperature']:.2f}")
     loop.finish()
+    if rerendered is not None and os.path.exists(rerender_cache_path(cfg)):
+        os.remove(rerender_cache_path(cfg))
     print(f"saved {path}")
     return model.eval()

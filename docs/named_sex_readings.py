@@ -1,0 +1,73 @@
+"""How surely the tuning classifier reads images of prompts that name sex, against real slices of that sex.
+
+Reproduces the diagnosis in docs/fairness_experiments.md ("The re-rendered tuning classifier, with the
+one-sided cap"): the calibrated log-odds toward each image's own (or named) sex, as quantiles, and the
+median head area, for
+- the real target slices the classifier never trained on (what the cap of `--align-cap` matches to);
+- 128 of them of each sex re-rendered by the base model (SDEdit, as the classifier's training images);
+- the base and the aligned model's images of the report's 32 "woman" and 32 "man" prompts, twice each.
+
+    python docs/named_sex_readings.py --run runs/fair-s0
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from minimedi import diffusion
+from minimedi.checkpoint import load_checkpoint
+from minimedi.classifier import load_classifier
+from minimedi.config import config_from_dict
+from minimedi.data.captions import named_sex_evaluation_prompts
+from minimedi.data.reference import reference_corpus
+from minimedi.morphometry import head_area
+from minimedi.pipeline import load_generator
+from minimedi.rerender import rerender
+
+LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@torch.no_grad()
+def log_odds_female(classifier, images):
+    logits = torch.cat([classifier(x.float()) for x in images.split(256)]).double()
+    return ((logits[:, 1] - logits[:, 0]) / float(classifier.temperature)).numpy()
+
+
+def row(name, toward, areas):
+    quantiles = "  ".join(f"{q:6.2f}" for q in np.quantile(toward, LEVELS))
+    print(f"{name:34s} {quantiles}   {np.median(areas):.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True)
+    run = parser.parse_args().run
+    classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), "cpu")
+    real = reference_corpus(config_from_dict(ckpt["config"]).data, ckpt["split"]["heldout_groups"])
+    female = np.array([a["sex"] == "female" for a in real.attributes])
+    real_lo, real_area = log_odds_female(classifier, real.images), head_area(real.images.float()).numpy()
+    print(f"{'log-odds toward own sex':34s} " + "  ".join(f"{q:>6.0%}" for q in LEVELS) + "   median head area")
+    row("real women", real_lo[female], real_area[female])
+    row("real men", -real_lo[~female], real_area[~female])
+    base = load_generator("diffusion", run, "cpu")
+    chosen = np.concatenate([np.flatnonzero(female)[:128], np.flatnonzero(~female)[:128]])
+    redrawn = rerender(base, real.images[chosen].float(), [real.captions[i] for i in chosen], seed=0)
+    lo, area = log_odds_female(classifier, redrawn), head_area(redrawn).numpy()
+    row("128 real women, re-rendered", lo[:128], area[:128])
+    row("128 real men, re-rendered", -lo[128:], area[128:])
+    log_snrs = diffusion.sampling_log_snrs(25, base.diffusion.schedule)
+    for model in ("diffusion", "aligned"):
+        generator = base if model == "diffusion" else load_generator(model, run, "cpu")
+        for sex, sign in (("female", 1), ("male", -1)):
+            prompts = [p["prompt"] for p in named_sex_evaluation_prompts()[sex]] * 2
+            noise = torch.randn(len(prompts), 1, base.image_size, base.image_size,
+                                generator=torch.Generator().manual_seed(1))
+            with torch.inference_mode():
+                images = diffusion.sample_ddim(generator.denoiser(prompts, 3.0), noise, log_snrs)
+            row(f"{model}, prompts naming a {'woman' if sex == 'female' else 'man'}",
+                sign * log_odds_female(classifier, images), head_area(images).numpy())
+
+
+if __name__ == "__main__":
+    main()
