@@ -22,17 +22,12 @@ from minimedi.classifier import load_classifier
 from minimedi.config import config_from_dict
 from minimedi.data.captions import named_sex_evaluation_prompts
 from minimedi.data.reference import reference_corpus
+from minimedi.fairness import calibrated_log_odds
 from minimedi.morphometry import head_area, ks_distance
 from minimedi.pipeline import load_generator
 from minimedi.rerender import rerender
 
 LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-@torch.no_grad()
-def log_odds_female(classifier, images):
-    logits = torch.cat([classifier(x.float()) for x in images.split(256)]).double()
-    return ((logits[:, 1] - logits[:, 0]) / float(classifier.temperature)).numpy()
 
 
 def row(name, toward, areas):
@@ -47,7 +42,7 @@ def main():
     classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), "cpu")
     real = reference_corpus(config_from_dict(ckpt["config"]).data, ckpt["split"]["heldout_groups"])
     female = np.array([a["sex"] == "female" for a in real.attributes])
-    real_lo, real_area = log_odds_female(classifier, real.images), head_area(real.images.float()).numpy()
+    real_lo, real_area = calibrated_log_odds(classifier, real.images).numpy(), head_area(real.images.float()).numpy()
     print(f"{'log-odds toward own sex':34s} " + "  ".join(f"{q:>6.0%}" for q in LEVELS) + "   median head area")
     row("real women", real_lo[female], real_area[female])
     row("real men", -real_lo[~female], real_area[~female])
@@ -59,7 +54,7 @@ def main():
     base = load_generator("diffusion", run, "cpu")
     chosen = np.concatenate([np.flatnonzero(female)[:128], np.flatnonzero(~female)[:128]])
     redrawn = rerender(base, real.images[chosen].float(), [real.captions[i] for i in chosen], seed=0)
-    lo, area = log_odds_female(classifier, redrawn), head_area(redrawn).numpy()
+    lo, area = calibrated_log_odds(classifier, redrawn).numpy(), head_area(redrawn).numpy()
     row("128 real women, re-rendered", lo[:128], area[:128])
     row("128 real men, re-rendered", -lo[128:], area[128:])
     log_snrs = diffusion.sampling_log_snrs(25, base.diffusion.schedule)
@@ -72,7 +67,7 @@ def main():
             with torch.inference_mode():
                 images = diffusion.sample_ddim(generator.denoiser(prompts, 3.0), noise, log_snrs)
             row(f"{model}, prompts naming a {'woman' if sex == 'female' else 'man'}",
-                sign * log_odds_female(classifier, images), head_area(images).numpy())
+                sign * calibrated_log_odds(classifier, images).numpy(), head_area(images).numpy())
 
 
 if __name__ == "__main__":

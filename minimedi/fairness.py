@@ -187,27 +187,33 @@ def distributional_alignment_loss(logits, groups, shares, threshold=1.0, tempera
     if real_toward is not None and cap == "match":
         matched = matched_log_odds(log_odds, groups, shares, real_toward, offsets)
         past = keep & torch.where(targets == 1, log_odds > matched, log_odds < matched)
-        q, t = torch.sigmoid(matched[keep]).to(logits), (logits[keep, 1] - logits[keep, 0]) / temperature
-        entropy = -(torch.xlogy(q, q) + torch.xlogy(1 - q, 1 - q))
-        per_image = F.binary_cross_entropy_with_logits(t, q, reduction="none") - entropy
-        loss = temperature * per_image.mean() if keep.any() else logits.sum() * 0.0
-        return loss, {"kept": int(keep.sum()), "past_real": int(past.sum())}
-    if real_toward is not None:
+    elif real_toward is not None:
         toward = torch.where(targets == 1, log_odds, -log_odds)
         past = keep & (toward >= matched_caps(toward, targets, groups, real_toward))
         keep &= ~past
-    # Nothing kept: a zero that still belongs to the graph, so backward() works.
-    loss = F.cross_entropy(logits[keep], targets[keep]) if keep.any() else logits.sum() * 0.0
-    return loss, {"kept": int(keep.sum()), "past_real": int(past.sum())}
+    stats = {"kept": int(keep.sum()), "past_real": int(past.sum())}
+    if not keep.any():  # a zero that still belongs to the graph, so backward() works
+        return logits.sum() * 0.0, stats
+    if real_toward is not None and cap == "match":
+        q, t = torch.sigmoid(matched[keep]).to(logits), (logits[keep, 1] - logits[keep, 0]) / temperature
+        entropy = -(torch.xlogy(q, q) + torch.xlogy(1 - q, 1 - q))
+        per_image = F.binary_cross_entropy_with_logits(t, q, reduction="none") - entropy
+        return temperature * per_image.mean(), stats
+    return F.cross_entropy(logits[keep], targets[keep]), stats
 
 
 @torch.no_grad()
+def calibrated_log_odds(classifier, images, batch_size=256):
+    """log p(female) / p(male) [N], float64 on the CPU, from a calibrated sex classifier (logits / temperature)."""
+    device = next(classifier.parameters()).device
+    logits = torch.cat([classifier(x.to(device).float()).cpu() for x in images.split(batch_size)]).double()
+    return (logits[:, 1] - logits[:, 0]) / float(classifier.temperature)
+
+
 def real_confidence(classifier, images, is_female, batch_size=256):
     """(log-odds of real males toward male, of real females toward female): float64, CPU, from the
     calibrated classifier on real target images it did not train on; what `matched_log_odds` matches to."""
-    device = next(classifier.parameters()).device
-    logits = torch.cat([classifier(x.to(device).float()).cpu() for x in images.split(batch_size)]).double()
-    log_odds = (logits[:, 1] - logits[:, 0]) / float(classifier.temperature)
+    log_odds = calibrated_log_odds(classifier, images, batch_size)
     return -log_odds[~is_female], log_odds[is_female]
 
 

@@ -23,12 +23,13 @@ import os
 
 import torch
 
-from minimedi import differentiable_sampler, diffusion, fairness, training
+from minimedi import diffusion, fairness, training
 from minimedi.checkpoint import load_checkpoint
 from minimedi.classifier import class_shares, load_classifier
 from minimedi.config import config_from_dict, config_to_dict
 from minimedi.data.captions import named_sex_tuning_prompts, tuning_prompts
 from minimedi.data.reference import reference_corpus
+from minimedi.differentiable_sampler import random_grad_steps, sample_ddim_teacher, sample_ddim_with_grad
 from minimedi.errors import UserError
 from minimedi.lora import inject_lora, merge_lora
 from minimedi.pipeline import load_generator
@@ -71,8 +72,8 @@ def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_
 
 
 def real_confidence(cfg, classifier, cls_ckpt):
-    """What `--align-cap match` / `stop` matches to: the calibrated log-odds of real target images held out from the
-    classifier toward their own sex (`fairness.real_confidence`); None when there is no cap."""
+    """What `--align-cap match` / `stop` matches to: the calibrated log-odds of real target images held out
+    from the classifier toward their own sex (`fairness.real_confidence`); None when there is no cap."""
     a = cfg.align
     if a.cap == "none" or a.loss != "dal" or cls_ckpt["classes"] != ["male", "female"]:
         return None
@@ -131,15 +132,14 @@ def make_aligned(cfg, d):
         offsets = torch.rand(len(prompt_shares), generator=g)  # randomized rounding of each prompt's n r women
         states, mask, pooled = encoder.encode(captions)
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
-        grad_steps = differentiable_sampler.random_grad_steps(a.ddim_steps, a.grad_steps, g)
-        x_student = differentiable_sampler.sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance,
-                                                   prediction, checkpoint=a.checkpoint, grad_steps=grad_steps)
+        grad_steps = random_grad_steps(a.ddim_steps, a.grad_steps, g)
+        x_student = sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance, prediction,
+                                          checkpoint=a.checkpoint, grad_steps=grad_steps)
         align, fractions, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
                                                  shares, real_toward, offsets)
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
-            x_teacher = differentiable_sampler.sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled,
-                                                     a.guidance, prediction)
+            x_teacher = sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled, a.guidance, prediction)
             clip = fairness.clip_consistency_loss(encoder.clip, x_student, x_teacher)
             loss = align + a.lambda_clip * clip
         loop.check_finite(loss, step)
