@@ -8,7 +8,7 @@ Writes <run>/aligned.pt (`python sample.py --model aligned`), then the before/af
 report.json, fairness.png; --no-report skips it). Ctrl-C saves; --resume continues exactly.
 """
 from minimedi import distributed, tasks
-from minimedi.config import parse_config
+from minimedi.flags import parse_config
 from minimedi.errors import UserError, run_main
 
 SECTIONS = ("run", "align", "eval")

@@ -18,11 +18,10 @@ import torch
 
 from minimedi import diffusion
 from minimedi.checkpoint import load_checkpoint
-from minimedi.classifier import load_classifier
+from minimedi.classifier import calibrated_log_odds, load_classifier
 from minimedi.config import config_from_dict
 from minimedi.data.captions import named_sex_evaluation_prompts
 from minimedi.data.reference import reference_corpus
-from minimedi.fairness import calibrated_log_odds
 from minimedi.morphometry import head_area, ks_distance
 from minimedi.pipeline import load_generator
 from minimedi.rerender import rerender

@@ -194,6 +194,14 @@ def expected_calibration_error(probs, labels, bins=15):
     return float(ece)
 
 
+@torch.no_grad()
+def calibrated_log_odds(classifier, images, batch_size=256):
+    """log p(female) / p(male) [N], float64 on the CPU, from a calibrated sex classifier (logits / temperature)."""
+    device = next(classifier.parameters()).device
+    logits = torch.cat([classifier(x.to(device).float()).cpu() for x in images.split(batch_size)]).double()
+    return (logits[:, 1] - logits[:, 0]) / float(classifier.temperature)
+
+
 # ---- the held-out split ----------------------------------------------------------------------------------
 
 def heldout_groups(labels, groups, share, generator):

@@ -1,4 +1,4 @@
-"""Configuration: plain dataclasses, named presets, and command-line flags generated from the fields.
+"""Configuration: plain dataclasses and named presets.
 
 A `Config` is a handful of sections (run, data, clip, unet, diffusion, train, sr, sr_eval, classifier, align,
 sample, eval). A preset is a *named set of overrides* on top of the dataclass defaults, so nothing is
@@ -7,23 +7,16 @@ copied:
     cfg = make_config("tiny")                          # defaults + the tiny overrides
     cfg = make_config("default", train={"steps": 10})  # plus your own
 
-Every field becomes a flag. A field's name reads well inside its section (`cfg.align.steps`,
-`cfg.classifier.width`); its flag is `--<name>` or the `flag=` of its metadata when the bare name would
-be ambiguous on a command line (`--align-steps`, `--cls-width`). A field may also state its valid range
-(`ge`, `gt`, `le`, `lt`) or `choices`: `parse_config` checks every value before any work starts and
-turns a bad one into one line and exit code 2. `parse_config(argv, sections=...)` reads `--preset`
-first, so `--help` shows that preset's values.
+Each field carries, beside its default, its `--help` text and optionally its flag name, valid range (`ge`,
+`gt`, `le`, `lt`) or `choices`: `minimedi/flags.py` turns every field into a checked command-line flag.
+A field's name reads well inside its section (`cfg.align.steps`, `cfg.classifier.width`). Checkpoints
+carry `config_to_dict(cfg)`, and `config_from_dict` rebuilds the config from it.
 """
-import argparse
 import dataclasses
-import sys
 import typing
 from dataclasses import dataclass, field
 
 from minimedi.errors import UserError
-
-BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
-          "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
 
 def opt(default, help, flag=None, **meta):
@@ -33,11 +26,6 @@ def opt(default, help, flag=None, **meta):
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def flag_name(f):
-    """The command-line flag of a dataclass field."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 @dataclass
@@ -354,100 +342,4 @@ def config_from_dict(d):
         known = {f.name for f in dataclasses.fields(section)}
         values = {k: tuple(v) if hints[k] is tuple else v for k, v in d.get(s, {}).items() if k in known}
         setattr(cfg, s, dataclasses.replace(section, **values))
-    return cfg
-
-
-# ---- validation: every value checked before any work ---------------------------------------------
-
-def field_errors(section):
-    """'--flag value: must be ...' for every field of a config section outside its stated range."""
-    errors = []
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        values = value if isinstance(value, tuple) else (value,)
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            errors.append(f"{flag_name(f)} {value}: choose one of {', '.join(map(str, f.metadata['choices']))}")
-        for key, (sign, ok) in BOUNDS.items():
-            bound = f.metadata.get(key)
-            if bound is not None and any(v is not None and not ok(v, bound) for v in values):
-                shown = " ".join(map(str, values))
-                errors.append(f"{flag_name(f)} {shown}: must be {sign} {bound}")
-        if isinstance(value, float) and value != value:
-            errors.append(f"{flag_name(f)} nan: not a number")
-    return errors
-
-
-def check_config(cfg, sections=SECTIONS):
-    """Raise one `UserError` naming the first flag whose value is out of range."""
-    for s in sections:
-        errors = field_errors(getattr(cfg, s))
-        if errors:
-            raise UserError(errors[0])
-
-
-# ---- the command line ------------------------------------------------------------------------------
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _add_field(group, section, f, typ, default):
-    flags = [flag_name(f), *f.metadata.get("aliases", ())]
-    kwargs = {"help": f"{f.metadata.get('help', '')} [{default}]", "dest": f"{section}.{f.name}"}
-    if "choices" in f.metadata:
-        kwargs["choices"] = f.metadata["choices"]
-    if typ is bool:
-        group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, **kwargs)
-    elif typ is tuple:
-        group.add_argument(*flags, type=int, nargs="+", default=default, **kwargs)
-    elif typ is list:
-        group.add_argument(*flags, action="append", default=None, **kwargs)
-    else:
-        if typing.get_origin(typ) is typing.Union:  # Optional[X]
-            typ = next(a for a in typing.get_args(typ) if a is not type(None))
-        group.add_argument(*flags, type=typ, default=default, **kwargs)
-
-
-def build_parser(cfg, sections, description=""):
-    """An argparse parser with one flag per field of the named sections, defaulting to `cfg`'s values."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=cfg.preset, help="named preset [%(default)s]")
-    for s in sections:
-        section = getattr(cfg, s)
-        group = parser.add_argument_group(s)
-        hints = typing.get_type_hints(type(section))
-        for f in dataclasses.fields(section):
-            _add_field(group, s, f, hints[f.name], getattr(section, f.name))
-    return parser
-
-
-def parse_config(argv=None, sections=SECTIONS, description=""):
-    """Parse `argv` into a Config: preset first, then every flag of `sections` on top of it, then the
-    range check of every value (one line and exit code 2 for the first bad one)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = _Parser(add_help=False)
-    pre.add_argument("--preset", choices=tuple(PRESETS), default="default")
-    preset = pre.parse_known_args(argv)[0].preset
-    cfg = make_config(preset)
-    parser = build_parser(cfg, sections, description)
-    args = parser.parse_args(argv)
-    for s in sections:
-        section = getattr(cfg, s)
-        hints = typing.get_type_hints(type(section))
-        values = {}
-        for f in dataclasses.fields(section):
-            v = getattr(args, f"{s}.{f.name}")
-            if hints[f.name] is tuple:
-                v = tuple(v)
-            elif hints[f.name] is list and v is None:  # an `append` flag never given
-                v = getattr(section, f.name)
-            values[f.name] = v
-        setattr(cfg, s, dataclasses.replace(section, **values))
-        errors = field_errors(getattr(cfg, s))
-        if errors:
-            parser.error(errors[0])
     return cfg

@@ -30,13 +30,14 @@ import torch
 from minimedi.anatomy_share import anatomy_share, components
 from minimedi.audit import Readings, Reference, audit
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
-from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
-from minimedi.config import config_from_dict, parse_config
+from minimedi.classifier import calibrated_log_odds, load_classifier, subgroup_labels, train_classifier
+from minimedi.config import config_from_dict
 from minimedi.data.captions import MODALITIES, evaluation_prompts, named_sex_evaluation_prompts, unseen_prompts
 from minimedi.data.load import load_pretraining_corpus, load_target_corpus
 from minimedi.data.reference import reference_corpus
 from minimedi.distributed import resolve_device
 from minimedi.errors import UserError, run_main
+from minimedi.flags import parse_config
 from minimedi.metrics import clip_score, fid, nearest_neighbour_distance
 from minimedi.morphometry import anatomy, head_area
 from minimedi.pipeline import load_generator
@@ -80,11 +81,9 @@ def report_prompts(n_heldout, n_extra):
     return prompts + extra, counts + [n_extra] * len(extra)
 
 
-@torch.no_grad()
-def p_female(classifier, images, batch_size=256):
-    """Calibrated p(female) [N] (CPU) of a sex classifier."""
-    device = next(classifier.parameters()).device
-    return torch.cat([classifier.predict_proba(x.to(device).float())[:, 1].cpu() for x in images.split(batch_size)])
+def p_female(classifier, images):
+    """Calibrated p(female) [N] (float32, CPU) of a sex classifier."""
+    return torch.sigmoid(calibrated_log_odds(classifier, images)).float()
 
 
 def subgroup_fid(features, is_female, reference_features, reference_female):

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from minimedi.atomic import atomic_path
 from minimedi.checkpoint import load_checkpoint
-from minimedi.config import parse_config
 from minimedi.errors import UserError, run_main
+from minimedi.flags import parse_config
 from minimedi.pipeline import MAKES, load_text_encoder
 
 

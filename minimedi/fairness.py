@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minimedi.classifier import calibrated_log_odds
 from minimedi.clip import preprocess
 
 
@@ -200,14 +201,6 @@ def distributional_alignment_loss(logits, groups, shares, threshold=1.0, tempera
         per_image = F.binary_cross_entropy_with_logits(t, q, reduction="none") - entropy
         return temperature * per_image.mean(), stats
     return F.cross_entropy(logits[keep], targets[keep]), stats
-
-
-@torch.no_grad()
-def calibrated_log_odds(classifier, images, batch_size=256):
-    """log p(female) / p(male) [N], float64 on the CPU, from a calibrated sex classifier (logits / temperature)."""
-    device = next(classifier.parameters()).device
-    logits = torch.cat([classifier(x.to(device).float()).cpu() for x in images.split(batch_size)]).double()
-    return (logits[:, 1] - logits[:, 0]) / float(classifier.temperature)
 
 
 def real_confidence(classifier, images, is_female, batch_size=256):

@@ -36,11 +36,12 @@ from minimedi.atomic import atomic_path
 from minimedi.cascade import super_resolve
 from minimedi.checkpoint import load_checkpoint, save_checkpoint
 from minimedi.classifier import load_classifier, subgroup_labels, train_classifier
-from minimedi.config import ClassifierConfig, config_from_dict, parse_config
+from minimedi.config import ClassifierConfig, config_from_dict
 from minimedi.data import evaluation_prompts
 from minimedi.data.load import load_target_corpus
 from minimedi.data.pairs import load_heldout_pairs
 from minimedi.errors import UserError, run_main
+from minimedi.flags import parse_config
 from minimedi.imageio import save_grid
 from minimedi.metrics import fid
 from minimedi.morphometry import head_area

@@ -32,9 +32,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from minimedi.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from minimedi.config import Config, flag_name
+from minimedi.config import Config
 from minimedi.distributed import any_rank
 from minimedi.errors import UserError
+from minimedi.flags import flag_name
 
 
 def warmup_cosine(step, warmup, total, floor=0.1):

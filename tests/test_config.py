@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from minimedi.config import (PRESETS, SECTIONS, Config, config_from_dict, config_to_dict, flag_name,
-                             make_config, parse_config)
+from minimedi.config import PRESETS, SECTIONS, Config, config_from_dict, config_to_dict, make_config
 from minimedi.errors import UserError
+from minimedi.flags import flag_name, parse_config
 
 
 def test_flag_names_unique_across_sections():
@@ -60,14 +60,14 @@ def test_unknown_preset_is_user_error():
 @pytest.mark.parametrize("argv", [["--bogus"], ["--steps", "many"], ["--schedule", "quadratic"],
                                   ["--preset", "huge"]])
 def test_bad_flags_exit_2_with_one_line(argv):
-    code = "import sys; from minimedi.config import parse_config; parse_config(sys.argv[1:])"
+    code = "import sys; from minimedi.flags import parse_config; parse_config(sys.argv[1:])"
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
 
 
 def test_help_lists_every_flag():
-    code = "from minimedi.config import parse_config; parse_config(['--help'])"
+    code = "from minimedi.flags import parse_config; parse_config(['--help'])"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0
     for s in SECTIONS:

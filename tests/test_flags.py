@@ -10,8 +10,9 @@ import align
 import sample
 import train
 from minimedi import evaluate, export, sr_eval
-from minimedi.config import BOUNDS, Config, flag_name
+from minimedi.config import Config
 from minimedi.errors import run_main
+from minimedi.flags import BOUNDS, flag_name
 
 SCRIPTS = {"train.py": (train.main, train.SECTIONS), "align.py": (align.main, align.SECTIONS),
            "sample.py": (sample.main, sample.SECTIONS), "evaluate": (evaluate.main, evaluate.SECTIONS),

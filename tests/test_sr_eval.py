@@ -8,8 +8,8 @@ import torch
 
 import train
 from minimedi import sr_eval
-from minimedi.config import parse_config
 from minimedi.errors import UserError
+from minimedi.flags import parse_config
 from tests.helpers import TINY, copy_run
 
 
