@@ -8,8 +8,8 @@ Writes <run>/aligned.pt (`python sample.py --model aligned`), then the before/af
 report.json, fairness.png; --no-report skips it). Ctrl-C saves; --resume continues exactly.
 """
 from minimedi import distributed, tasks
-from minimedi.flags import parse_config
 from minimedi.errors import UserError, run_main
+from minimedi.flags import parse_config
 
 SECTIONS = ("run", "align", "eval")
 

@@ -11,8 +11,8 @@ encoder the model was trained with; the images go to a PNG grid (one row per pro
 import os
 
 from minimedi import distributed
-from minimedi.flags import parse_config
 from minimedi.errors import UserError, run_main
+from minimedi.flags import parse_config
 from minimedi.imageio import save_grid, save_nifti
 from minimedi.pipeline import TextToImage, load_generator
 from minimedi.tokenizer import Tokenizer

@@ -12,8 +12,8 @@ Every task checkpoints periodically; Ctrl-C saves and exits 130, and --resume co
 Multi-GPU / multi-node: `torchrun --nproc_per_node N train.py --run-dir DIR ...` (PyTorch DDP).
 """
 from minimedi import distributed, tasks
-from minimedi.flags import parse_config
 from minimedi.errors import run_main
+from minimedi.flags import parse_config
 
 SECTIONS = ("run", "data", "clip", "unet", "diffusion", "train", "sr", "classifier")
 

@@ -184,8 +184,8 @@ def distributional_alignment_loss(logits, groups, shares, threshold=1.0, tempera
     assigned class than their real match: dropped by "stop", pulled back by "match")."""
     log_odds = (logits[:, 1] - logits[:, 0]).detach() / temperature  # log p(female) / p(male), calibrated
     targets, keep = assign_within_prompts(torch.sigmoid(log_odds), groups, shares, threshold, offsets)
-    past = torch.zeros_like(keep)
-    if real_toward is not None and cap == "match":
+    past, matching = torch.zeros_like(keep), real_toward is not None and cap == "match"
+    if matching:
         matched = matched_log_odds(log_odds, groups, shares, real_toward, offsets)
         past = keep & torch.where(targets == 1, log_odds > matched, log_odds < matched)
     elif real_toward is not None:
@@ -195,7 +195,7 @@ def distributional_alignment_loss(logits, groups, shares, threshold=1.0, tempera
     stats = {"kept": int(keep.sum()), "past_real": int(past.sum())}
     if not keep.any():  # a zero that still belongs to the graph, so backward() works
         return logits.sum() * 0.0, stats
-    if real_toward is not None and cap == "match":
+    if matching:
         q, t = torch.sigmoid(matched[keep]).to(logits), (logits[keep, 1] - logits[keep, 0]) / temperature
         entropy = -(torch.xlogy(q, q) + torch.xlogy(1 - q, 1 - q))
         per_image = F.binary_cross_entropy_with_logits(t, q, reduction="none") - entropy
