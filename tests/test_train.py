@@ -11,7 +11,7 @@ import align
 import train
 from minimedi.checkpoint import load_checkpoint
 from minimedi.clip import load_clip
-from tests.helpers import TINY, copy_run
+from tests.helpers import TINY, assert_same_tensors, copy_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +40,20 @@ def test_diffusion_makes_clip_first_when_missing(tmp_path, capsys):
     assert "clip.pt not found: making it first" in capsys.readouterr().out
     ckpt = load_checkpoint(tmp_path / "diffusion.pt")
     assert ckpt["step"] == 2 and ckpt["text"]["clip"] == "clip.pt" and os.path.exists(tmp_path / "clip.pt")
+
+
+def test_sample_grids_do_not_change_what_the_diffusion_model_learns(tiny_base, tmp_path):
+    """A grid drawn every 2 steps leaves the weights bitwise those of a run that draws none: the grid is
+    drawn from the EMA on its own noise, and nothing it makes may stand in for the training images
+    (a grid once rebound the loop's `images`, and the UNet trained on its own 16 samples from then on)."""
+    runs = {}
+    for every in (0, 2):
+        run = copy_run(tiny_base, tmp_path / f"every{every}", ("clip.pt",))
+        train.main(TINY + ["--run", str(run), "--n-pretrain", "64", "--steps", "6", "--sample-every", str(every)])
+        runs[every] = load_checkpoint(run / "diffusion.pt")
+    assert sorted(os.listdir(tmp_path / "every2" / "samples")) == [f"step00000{k}.png" for k in (2, 4, 6)]
+    assert_same_tensors(runs[0]["model"], runs[2]["model"], "model")
+    assert_same_tensors(runs[0]["ema"], runs[2]["ema"], "ema")
 
 
 def test_prerequisites_are_made_with_the_runs_recorded_config(tiny_base, tmp_path, capsys):

@@ -36,6 +36,15 @@ def text_encoder_reference(cfg):
     return os.path.abspath(cfg.clip.weights) if cfg.clip.weights else "clip.pt"
 
 
+def write_sample_grid(unet, encoder, cfg, step):
+    """<run>/samples/step<N>.png: the EMA UNet on the first 16 held-out prompts, the same noise every time so
+    the grids of one run compare. A function of its own, so that nothing it names can rebind the training
+    loop's variables (a grid once replaced the corpus `images` and the UNet went on training on its 16 samples)."""
+    prompts = [p["prompt"] for p in evaluation_prompts()][:16]
+    grid = TextToImage(unet, encoder, cfg.diffusion, cfg.data.image_size)(prompts, steps=25, seed=0)
+    save_grid(grid, os.path.join(cfg.run_dir, "samples", f"step{step:06d}.png"), nrow=8, scale=2)
+
+
 def make_diffusion(cfg, d):
     """Pretrain the UNet on the pretraining corpus; returns the EMA UNet."""
     path = os.path.join(cfg.run_dir, "diffusion.pt")
@@ -90,9 +99,7 @@ def make_diffusion(cfg, d):
             log(task="diffusion", step=done, loss=loss, mse=out["mse"].mean(), grad_norm=grad_norm,
                 lr=sched.get_last_lr()[0], images_per_s=steps_per_s * t.batch_size)
         if d.main and t.sample_every and done % t.sample_every == 0:
-            prompts = [p["prompt"] for p in evaluation_prompts()][:16]  # the same noise every time: comparable
-            images = TextToImage(ema.module, encoder, cfg.diffusion, cfg.data.image_size)(prompts, steps=25, seed=0)
-            save_grid(images, os.path.join(cfg.run_dir, "samples", f"step{done:06d}.png"), nrow=8, scale=2)
+            write_sample_grid(ema.module, encoder, cfg, done)
     loop.finish()
     if d.main:
         print(f"saved {path}")
