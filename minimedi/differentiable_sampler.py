@@ -34,15 +34,17 @@ def chain_factors(log_snrs, prediction):
     return torch.stack(factors[::-1])
 
 
-def guided_unet(unet, x, log_snr, tokens2, mask2, pooled2, drop, guidance):
+def guided_unet(unet, x, log_snr, tokens2, mask2, pooled2, drop, guidance, detach_uncond=False):
     """Conditional and null-caption predictions in one batched UNet call, combined by the guidance scale."""
     cond, uncond = unet(torch.cat([x, x]), torch.cat([log_snr, log_snr]), tokens2, mask2, pooled2,
                         drop_text=drop).chunk(2)
+    if detach_uncond:
+        uncond = uncond.detach()
     return uncond + guidance * (cond - uncond)
 
 
 def sample_ddim_with_grad(unet, x, log_snrs, text_tokens, text_mask, text_pooled, guidance=1.0,
-                          prediction="v", rescale=True, checkpoint=True, grad_steps=None):
+                          prediction="v", rescale=True, checkpoint=True, grad_steps=None, detach_uncond=False):
     """Deterministic DDIM from x along `log_snrs`, differentiable w.r.t. the UNet's trainable weights.
 
     Forward values equal `sample_ddim(make_denoiser(..., threshold=0), x, log_snrs)` exactly (no dynamic
@@ -67,6 +69,10 @@ def sample_ddim_with_grad(unet, x, log_snrs, text_tokens, text_mask, text_pooled
       the gradient is 1/|S| sum_{i in S} instead of 1/K sum_i of the per-step terms: a Monte-Carlo estimate
       of the full one, unbiased when S is a uniform random subset (`random_grad_steps`). Unlike truncating
       to the last steps, the early, low-SNR steps that decide global anatomy (head size) keep their share.
+    * detach_uncond=True lets the gradient reach the weights through the conditional branch only. The
+      guided prediction is w cond + (1 - w) uncond, and the null caption's branch is shared by every
+      prompt: through it, at w = 3, pushing one prompt's images female pushes the null caption male with
+      weight -2, which makes every prompt's guided images more female, those that say "man" included.
     """
     b, k = x.shape[0], len(log_snrs) - 1
     grad_steps = set(range(k)) if grad_steps is None else set(grad_steps)
@@ -75,7 +81,7 @@ def sample_ddim_with_grad(unet, x, log_snrs, text_tokens, text_mask, text_pooled
     scales = 1.0 / len(grad_steps) / chain_factors(log_snrs, prediction).abs() if rescale and grad_steps else None
     for i, (log_snr_t, log_snr_s) in enumerate(zip(log_snrs[:-1], log_snrs[1:])):
         log_snr = torch.as_tensor(log_snr_t, device=x.device).expand(b)
-        args = (unet, x.detach(), log_snr, tokens2, mask2, pooled2, drop, guidance)
+        args = (unet, x.detach(), log_snr, tokens2, mask2, pooled2, drop, guidance, detach_uncond)
         if i not in grad_steps:
             with torch.no_grad():
                 pred = guided_unet(*args)

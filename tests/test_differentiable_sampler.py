@@ -173,3 +173,32 @@ def test_rescaling_on_a_linear_toy_where_the_factors_are_known(prediction, sched
         out.sum().backward()
         torch.testing.assert_close(toy.theta.grad.double() / pixels, torch.tensor(expected, dtype=torch.float64),
                                    rtol=1e-4, atol=1e-6)
+
+
+class BranchToy(nn.Module):
+    """pred = theta_cond for captioned rows, theta_uncond for null-caption rows (plus 0.5 x): each branch's
+    share of the guided prediction w cond + (1 - w) uncond is its parameter's gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta_cond, self.theta_uncond = nn.Parameter(torch.zeros(())), nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, log_snr, tokens, mask, pooled, drop_text):
+        theta = torch.where(drop_text, self.theta_uncond, self.theta_cond)
+        return theta.view(-1, 1, 1, 1) + 0.5 * x
+
+
+def test_detach_uncond_stops_the_gradient_at_the_null_caption_branch_only():
+    log_snrs, x_T, w = sampling_log_snrs(4), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)), 3.0
+    outs, grads = [], []
+    for detach in (False, True):
+        toy = BranchToy()
+        out = sample_ddim_with_grad(toy, x_T, log_snrs, *text(), guidance=w, detach_uncond=detach)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append((toy.theta_cond.grad, toy.theta_uncond.grad))
+    assert torch.equal(outs[0], outs[1])  # the forward is the same guided sampler
+    (cond, uncond), (cond_detached, uncond_detached) = grads
+    torch.testing.assert_close(uncond / cond, torch.tensor((1 - w) / w))  # -2/3 at w = 3: the leak
+    torch.testing.assert_close(cond_detached, cond)
+    assert uncond_detached is None or uncond_detached == 0

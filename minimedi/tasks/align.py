@@ -134,7 +134,8 @@ def make_aligned(cfg, d):
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
         grad_steps = random_grad_steps(a.ddim_steps, a.grad_steps, g)
         x_student = sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance, prediction,
-                                          checkpoint=a.checkpoint, grad_steps=grad_steps)
+                                          checkpoint=a.checkpoint, grad_steps=grad_steps,
+                                          detach_uncond=a.detach_uncond)
         align, fractions, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
                                                  shares, real_toward, offsets)
         loss, clip = align, torch.zeros(())
