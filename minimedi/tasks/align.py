@@ -7,8 +7,9 @@ and prompt (DESIGN.md, "Alignment tuning"; Shen et al. 2024). Per step:
 
   1. a batch of --align-batch noise images for batch / M tuning prompts, M = --align-per-prompt images each;
      a share --named-sex of the prompts name sex. The student (LoRA adapters on the UNet, or the whole UNet
-     with --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling,
-     `differentiable_sampler.py`); the frozen teacher samples from the same noise without;
+     with --full) samples with DDIM *with gradients* (per-step detach + gradient rescaling, and by default
+     through the captioned branch of the guided prediction only: `differentiable_sampler.py`); the frozen
+     teacher samples from the same noise without;
   2. distributional alignment, within each prompt's M images: rank by the calibrated p(female), assign the
      top M r (randomized rounding) to "female" (optimal transport to the prompt's target share r: the target
      corpus' share, or 1 / 0 for a prompt naming a woman / a man); the loss pulls each image, from either
