@@ -201,8 +201,8 @@ class AlignConfig:
     checkpoint: bool = opt(False, "gradient checkpointing of the UNet calls (memory flat in the steps)",
                            flag="--align-checkpoint")
     guidance: float = opt(3.0, "classifier-free guidance scale while tuning", flag="--align-guidance", ge=0)
-    detach_uncond: bool = opt(True, "the tuning gradient (alignment and CLIP terms) reaches the weights through the captioned branch of "
-                                    "the guided prediction only, not the shared null caption's",
+    detach_uncond: bool = opt(True, "the tuning gradient (alignment and CLIP terms) reaches the weights through the "
+                                    "captioned branch of the guided prediction only, not the shared null caption's",
                               flag="--align-detach-uncond")
     uncertainty: float = opt(1.0, "drop assignments whose binomial uncertainty exceeds this (1: keep all; "
                                   "Shen et al.'s 0.2 weakens the pull near the target)", ge=0, le=1)
