@@ -13,9 +13,7 @@ import argparse
 import os
 
 import numpy as np
-import torch
 
-from minimedi import diffusion
 from minimedi.classifier import calibrated_log_odds, load_classifier
 from minimedi.data.captions import evaluation_prompts, tuning_prompts
 from minimedi.morphometry import head_area
@@ -35,14 +33,8 @@ def main():
         for name, prompts in sets.items():
             prompts = [p for p in prompts for _ in range(6)]
             texts, modality = [p["prompt"] for p in prompts], np.array([p["modality"] for p in prompts])
-            noise = torch.randn(len(texts), 1, generator.image_size, generator.image_size,
-                                generator=torch.Generator().manual_seed(0))
-            for steps in (10, 25):
-                log_snrs = diffusion.sampling_log_snrs(steps, generator.diffusion.schedule)
-                with torch.inference_mode():
-                    images = torch.cat([diffusion.sample_ddim(generator.denoiser(texts[i:i + 96], 3.0),
-                                                              noise[i:i + 96], log_snrs)
-                                        for i in range(0, len(texts), 96)])
+            for steps in (10, 25):  # one batch, one seed: the same noise at both lengths and for both models
+                images = generator(texts, steps, guidance=3.0, seed=0, batch_size=len(texts))
                 female, area = calibrated_log_odds(classifier, images).numpy() > 0, head_area(images).numpy()
                 cells = "  ".join(f"{female[modality == m].mean():.3f} {np.median(area[modality == m]):.3f}"
                                   for m in sequences)
