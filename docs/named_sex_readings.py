@@ -21,9 +21,8 @@ import torch
 from minimedi import diffusion
 from minimedi.checkpoint import load_checkpoint
 from minimedi.classifier import calibrated_log_odds, load_classifier
-from minimedi.config import config_from_dict
 from minimedi.data.captions import named_sex_evaluation_prompts, named_sex_tuning_prompts
-from minimedi.data.reference import reference_corpus
+from minimedi.data.reference import classifier_reference
 from minimedi.morphometry import head_area, ks_distance
 from minimedi.pipeline import load_generator
 from minimedi.rerender import rerender
@@ -41,7 +40,7 @@ def main():
     parser.add_argument("--run", required=True)
     run = parser.parse_args().run
     classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), "cpu")
-    real = reference_corpus(config_from_dict(ckpt["config"]).data, ckpt["split"]["heldout_groups"])
+    real = classifier_reference(ckpt)
     female = np.array([a["sex"] == "female" for a in real.attributes])
     real_lo, real_area = calibrated_log_odds(classifier, real.images).numpy(), head_area(real.images.float()).numpy()
     print(f"{'log-odds toward own sex':36s} " + "  ".join(f"{q:>6.0%}" for q in LEVELS) +

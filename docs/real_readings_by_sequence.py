@@ -14,8 +14,7 @@ import os
 import numpy as np
 
 from minimedi.classifier import calibrated_log_odds, load_classifier
-from minimedi.config import config_from_dict
-from minimedi.data.reference import reference_corpus
+from minimedi.data.reference import classifier_reference
 
 LEVELS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
@@ -25,7 +24,7 @@ def main():
     parser.add_argument("--run", required=True)
     run = parser.parse_args().run
     classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), "cpu")
-    real = reference_corpus(config_from_dict(ckpt["config"]).data, ckpt["split"]["heldout_groups"])
+    real = classifier_reference(ckpt)
     female = np.array([a["sex"] == "female" for a in real.attributes])
     modality = np.array([a["modality"] for a in real.attributes])
     toward = calibrated_log_odds(classifier, real.images).numpy() * np.where(female, 1, -1)

@@ -189,6 +189,9 @@ class AlignConfig:
                           flag="--align-per-prompt", ge=1)
     per_prompt_ot: bool = opt(True, "assign targets within each prompt's images (--no-per-prompt-ot: one "
                                     "assignment over the whole batch, the ablation)")
+    phrasings: int = opt(1, "grammar captions per attribute combination among the tuning prompts (1: 64 neutral "
+                            "prompts; 8 or 16 did not reach the report's phrasing better, README)",
+                         flag="--align-phrasings", ge=1, le=16)
     named_sex: float = opt(0.25, "share of tuning prompts that name sex, with that sex as their target "
                                  "(0 = none, the ablation)", ge=0, le=1)
     cap: str = opt("match", "pull each image to the classifier's reading of its matched real target image from "

@@ -2,18 +2,41 @@
 prompts are not tuning prompts. Captions are read back with test_phantom's hand-written parser."""
 from collections import Counter
 
-from minimedi.data.captions import (MODALITIES, all_captions, evaluation_prompts, named_sex_evaluation_prompts,
-                                    named_sex_tuning_prompts, tuning_prompts, unseen_prompts)
+import dataclasses
+
+from minimedi.config import AlignConfig
+from minimedi.data.captions import (MAX_PHRASINGS, MODALITIES, all_captions, evaluation_prompts,
+                                    named_sex_evaluation_prompts, named_sex_tuning_prompts, tuning_prompts,
+                                    unseen_prompts)
 from tests.test_phantom import parse, words
 
 SEX_WORDS = {"man", "woman", "male", "female"}
 
 
+def combination(p):
+    return p["modality"], p["side"], p["lobe"], p["tumor_size"]
+
+
+def test_tuning_prompts_are_distinct_phrasings_of_every_combination():
+    one, eight = tuning_prompts(), tuning_prompts(8)
+    assert len(one) == 64 and len({combination(p) for p in one}) == 64
+    assert len(eight) == 512 and len({p["prompt"] for p in eight}) == 512
+    assert Counter(combination(p) for p in eight) == {combination(p): 8 for p in one}
+    assert [p["prompt"] for p in eight[::8]] == [p["prompt"] for p in one]  # more phrasings extend the set
+    for p in eight:
+        parsed = parse(p["prompt"])
+        assert not parsed["sexes"] and not parsed["ages"] and parsed["modality"] == p["modality"]
+        assert p["prompt"] in all_captions({**p, "tumor": True})
+    openings = Counter(p["prompt"].split(" ")[0] for p in eight if p["modality"] == "flair")
+    assert len(openings) > 3  # FLAIR's 128 captions mix openings and sequence names
+
+
 def test_named_sex_tuning_prompts_name_their_sex_and_come_from_the_grammar():
-    named = named_sex_tuning_prompts()
-    neutral = {(p["modality"], p["side"], p["lobe"], p["tumor_size"]) for p in tuning_prompts()}
+    named = named_sex_tuning_prompts(4)
+    neutral = {combination(p) for p in tuning_prompts()}
     for sex, prompts in named.items():
-        assert len(prompts) == 64 and {(p["modality"], p["side"], p["lobe"], p["tumor_size"]) for p in prompts} == neutral
+        assert len(prompts) == 256 and len({p["prompt"] for p in prompts}) == 256
+        assert Counter(combination(p) for p in prompts) == {c: 4 for c in neutral}
         for p in prompts:
             parsed = parse(p["prompt"])
             assert parsed["sexes"] == [sex] and not parsed["ages"] and p["sex"] == sex
@@ -22,8 +45,10 @@ def test_named_sex_tuning_prompts_name_their_sex_and_come_from_the_grammar():
 
 
 def test_report_prompts_are_never_tuning_prompts():
-    tuning = {p["prompt"] for p in tuning_prompts()}
-    tuning |= {p["prompt"] for prompts in named_sex_tuning_prompts().values() for p in prompts}
+    phrasings = {f.name: f for f in dataclasses.fields(AlignConfig)}["phrasings"]
+    assert phrasings.metadata["le"] == MAX_PHRASINGS  # --align-phrasings cannot reach past what the report avoids
+    tuning = {p["prompt"] for p in tuning_prompts(MAX_PHRASINGS)}
+    tuning |= {p["prompt"] for prompts in named_sex_tuning_prompts(MAX_PHRASINGS).values() for p in prompts}
     report = [p for p in evaluation_prompts()]
     report += [p for prompts in named_sex_evaluation_prompts().values() for p in prompts]
     report += [p for prompts in unseen_prompts().values() for p in prompts]

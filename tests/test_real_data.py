@@ -28,6 +28,7 @@ import sample
 import train
 from minimedi import evaluate, tasks
 from minimedi.checkpoint import load_checkpoint
+from minimedi.data.reference import classifier_reference
 from minimedi.errors import run_main
 from tests.helpers import TINY, copy_run
 from tests.trees import brats_tree, roco_tree, rocov2_tree
@@ -103,6 +104,8 @@ def test_the_brats_classifier_names_its_data_and_holds_out_whole_subjects(chain)
     assert set(held) < set(labelled)
     assert {chain.brats["subjects"][s]["sex"] for s in held} == {"female", "male"}  # each sex held out
     assert ckpt["metrics"]["n_heldout_groups"] == len(held)
+    real = classifier_reference(ckpt)  # what the cap and the report measure against
+    assert set(real.groups) == set(held) and len(real.groups) > len(held)  # every slice of those subjects
 
 
 def test_align_and_sample_use_the_real_data_models(chain):

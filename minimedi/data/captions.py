@@ -13,10 +13,12 @@ Sex and age are each mentioned in a caption independently with probability 1/2 (
 demographics appear in only part of the captions): a quarter name both, a quarter neither.
 
 The prompt sets of alignment tuning:
-- `tuning_prompts()`: captions the grammar itself produces (in-distribution), one per attribute
-  combination, naming neither sex nor age: their target is the target corpus' female share;
-- `named_sex_tuning_prompts()`: the same combinations in captions that say "man" / "male patient" or
+- `tuning_prompts(k)`: captions the grammar itself produces (in-distribution), k different phrasings of
+  each attribute combination, naming neither sex nor age: their target is the target corpus' female share;
+- `named_sex_tuning_prompts(k)`: the same combinations in captions that say "man" / "male patient" or
   "woman" / "female patient": their target is that sex (share 1 or 0), so tuning keeps named sex.
+`--align-phrasings` sets k (default 1). Eight or sixteen phrasings of each combination did not carry the
+tuning better to the report's held-out phrasing (docs/fairness_experiments.md, "The worst sequence").
 
 The prompt sets of the fairness report, none of which tuning ever sees:
 - `evaluation_prompts()`: one held-out template ("Brain MRI, axial FLAIR slice showing ...") made only
@@ -75,6 +77,7 @@ EVALUATION_MODALITY = {"t1": "T1-weighted", "t1ce": "contrast-enhanced T1-weight
 # Held out of GRAMMAR too: no caption starts with "Axial slice"; used for the report's unseen prompts.
 SECOND_TEMPLATE = "Axial slice of the brain, {modality} MRI, showing a {size} glioma in the {side} {lobe} lobe."
 TUNING_SEED = 7919  # tuning prompts are grammar samples drawn with this fixed seed
+MAX_PHRASINGS = 16  # the most phrasings per combination tuning may use; the report's prompts avoid them all
 EVALUATION_SEED = 104729  # and the report's grammar prompts with this one
 
 
@@ -137,25 +140,36 @@ def evaluation_prompts():
             for a in tumor_attributes()]
 
 
-def tuning_prompts():
-    """64 grammar captions without sex or age (one per glioma attribute combination), with attributes."""
+def distinct_captions(attrs, rng, k, p_sex):
+    """k different captions of an item, naming no age (sex with probability p_sex), drawn in turn from rng."""
+    texts = []
+    while len(texts) < k:
+        text = caption(attrs, rng, p_sex=p_sex, p_age=0.0)
+        if text not in texts:
+            texts.append(text)
+    return texts
+
+
+def tuning_prompts(phrasings=1):
+    """64 x `phrasings` grammar captions without sex or age (that many different phrasings of each glioma
+    attribute combination), with their attributes."""
     prompts = []
     for k, a in enumerate(tumor_attributes()):
         rng = np.random.Generator(np.random.PCG64([TUNING_SEED, k]))
-        prompts.append({"prompt": caption({**a, "tumor": True}, rng, p_sex=0.0, p_age=0.0), **a})
+        prompts += [{"prompt": text, **a} for text in distinct_captions({**a, "tumor": True}, rng, phrasings, 0.0)]
     return prompts
 
 
-def named_sex_tuning_prompts():
-    """{sex: 64 grammar captions naming that sex and no age (one per glioma attribute combination)}, each
-    a dict with its attributes and "sex"."""
+def named_sex_tuning_prompts(phrasings=1):
+    """{sex: 64 x `phrasings` grammar captions naming that sex and no age (that many phrasings of each glioma
+    attribute combination)}, each a dict with its attributes and "sex"."""
     prompts = {}
     for s, sex in enumerate(("male", "female")):
         prompts[sex] = []
         for k, a in enumerate(tumor_attributes()):
             rng = np.random.Generator(np.random.PCG64([TUNING_SEED, k, 1 + s]))
-            prompts[sex].append({"prompt": caption({**a, "tumor": True, "sex": sex}, rng, p_sex=1.0, p_age=0.0),
-                                 "sex": sex, **a})
+            texts = distinct_captions({**a, "tumor": True, "sex": sex}, rng, phrasings, 1.0)
+            prompts[sex] += [{"prompt": text, "sex": sex, **a} for text in texts]
     return prompts
 
 
@@ -171,8 +185,8 @@ def sampled_attributes(rng, k, tumor=True):
 
 def named_sex_evaluation_prompts(per_sex=32):
     """{sex: `per_sex` grammar captions naming that sex (and the age half the time), random gliomas, none of
-    them a tuning prompt}."""
-    tuning = {p["prompt"] for prompts in named_sex_tuning_prompts().values() for p in prompts}
+    them a tuning prompt at any number of phrasings}."""
+    tuning = {p["prompt"] for prompts in named_sex_tuning_prompts(MAX_PHRASINGS).values() for p in prompts}
     prompts = {}
     for s, sex in enumerate(("male", "female")):
         prompts[sex], k = [], 0

@@ -14,6 +14,7 @@ they are:
 """
 import dataclasses
 
+from minimedi.config import config_from_dict
 from minimedi.data.load import load_target_corpus
 
 PHANTOM_REFERENCE = 4000
@@ -26,3 +27,9 @@ def reference_corpus(target_cfg, heldout_groups):
         return load_target_corpus(dataclasses.replace(target_cfg, seed=target_cfg.seed + 1,
                                                       n_target=PHANTOM_REFERENCE))
     return load_target_corpus(target_cfg).of_groups(heldout_groups)
+
+
+def classifier_reference(classifier_ckpt):
+    """`reference_corpus` for the classifier saved in `classifier_ckpt` (a loaded classifier.pt): the real
+    target images of the data it recorded, less every subject it trained on."""
+    return reference_corpus(config_from_dict(classifier_ckpt["config"]).data, classifier_ckpt["split"]["heldout_groups"])

@@ -27,9 +27,9 @@ import torch
 from minimedi import diffusion, fairness, training
 from minimedi.checkpoint import load_checkpoint
 from minimedi.classifier import class_shares, load_classifier
-from minimedi.config import config_from_dict, config_to_dict
+from minimedi.config import config_to_dict
 from minimedi.data.captions import named_sex_tuning_prompts, tuning_prompts
-from minimedi.data.reference import reference_corpus
+from minimedi.data.reference import classifier_reference
 from minimedi.differentiable_sampler import random_grad_steps, sample_ddim_teacher, sample_ddim_with_grad
 from minimedi.errors import UserError
 from minimedi.lora import inject_lora, merge_lora
@@ -78,7 +78,7 @@ def real_confidence(cfg, classifier, cls_ckpt):
     a = cfg.align
     if a.cap == "none" or a.loss != "dal" or cls_ckpt["classes"] != ["male", "female"]:
         return None
-    real = reference_corpus(config_from_dict(cls_ckpt["config"]).data, cls_ckpt["split"]["heldout_groups"])
+    real = classifier_reference(cls_ckpt)
     is_female = torch.tensor([x["sex"] == "female" for x in real.attributes])
     return fairness.real_confidence(classifier, real.images.float(), is_female)
 
@@ -112,8 +112,8 @@ def make_aligned(cfg, d):
 
     loop = training.TrainLoop(path, a.steps, {"student": student, "ema": ema, "optimizer": opt, "batches": g},
                               record, a.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="align")
-    neutral = [p["prompt"] for p in tuning_prompts()]
-    named = {sex: [p["prompt"] for p in prompts] for sex, prompts in named_sex_tuning_prompts().items()}
+    neutral = [p["prompt"] for p in tuning_prompts(a.phrasings)]
+    named = {sex: [p["prompt"] for p in prompts] for sex, prompts in named_sex_tuning_prompts(a.phrasings).items()}
     named_share = a.named_sex if classes == ["male", "female"] else 0.0  # only a sex classifier reads named sex
     real_toward = real_confidence(cfg, classifier, cls_ckpt)
     size, prediction = teacher.image_size, teacher.diffusion.prediction
