@@ -1,4 +1,4 @@
-"""Flash attention (kernels/flash_attention.py) vs torch's scaled_dot_product_attention at the model's shapes.
+"""Flash attention (minimedi/kernels/flash_attention.py) vs torch's scaled_dot_product_attention at the model's shapes.
 
     python benchmarks/bench_attention.py [--dtype fp16 bf16] [--mode fwd fwd+bwd] [--shapes default paper clip]
 
@@ -103,7 +103,7 @@ def time_ms(attention, shape, dtype, mode):
 
 def bench_shape(shape, dtype, mode):
     """One row: times, throughputs and the speed ratio of ours against SDPA."""
-    from kernels.flash_attention import attention as flash_attention  # needs Triton, so only once there is a GPU
+    from minimedi.kernels.flash_attention import attention as flash_attention  # needs Triton, so only once there is a GPU
 
     ms_ours, ms_sdpa = time_ms(flash_attention, shape, dtype, mode), time_ms(sdpa, shape, dtype, mode)
     return dict(shape=shape.name, dtype=str(dtype).removeprefix("torch."), mode=mode, ms_ours=ms_ours,

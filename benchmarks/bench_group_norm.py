@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels import reference  # noqa: E402
+from minimedi.kernels import reference  # noqa: E402
 
 # label: (N, C, H, W), groups
 SHAPES = {
@@ -59,7 +59,7 @@ def make_inputs(shape, dtype, requires_grad, device="cuda"):
 
 def implementations():
     """name -> function with the signature of kernels.reference.group_norm_silu."""
-    from kernels.group_norm import group_norm_silu
+    from minimedi.kernels.group_norm import group_norm_silu
     torch._dynamo.reset()  # a fresh compile per case: the recompile limit would silently fall back to eager
     return {
         "eager": reference.group_norm_silu,
@@ -81,7 +81,7 @@ def time_ms(fn, inputs, groups, backward):
 
 def forward_error(shape, groups, dtype_name, device="cuda"):
     """max |triton - eager| of the forward output: a sanity check that the timed kernel is the right one."""
-    from kernels.group_norm import group_norm_silu
+    from minimedi.kernels.group_norm import group_norm_silu
     x, weight, bias, scale, shift = make_inputs(shape, DTYPES[dtype_name], requires_grad=False, device=device)
     fused = group_norm_silu(x, weight, bias, groups, scale, shift).float()
     return (fused - reference.group_norm_silu(x, weight, bias, groups, scale, shift).float()).abs().max().item()

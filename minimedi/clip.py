@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from minimedi import kernels
 from minimedi.errors import UserError
 
 # The per-channel statistics every released CLIP was trained with (OpenAI's `clip._transform`).

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from minimedi import kernels
 from minimedi.errors import UserError
 
 SKIP_SCALE = 2 ** -0.5

@@ -1,4 +1,4 @@
-"""The Triton flash-attention kernels (kernels/flash_attention.py) against the PyTorch reference.
+"""The Triton flash-attention kernels (minimedi/kernels/flash_attention.py) against the PyTorch reference.
 
 Outputs and dq, dk, dv are compared with `kernels.reference.attention` evaluated in fp32 on the same
 (rounded) inputs. Without a GPU the real kernels run on CPU tensors through Triton's interpreter
@@ -7,9 +7,9 @@ Outputs and dq, dk, dv are compared with `kernels.reference.attention` evaluated
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.flash_attention import attention as flash_attention
+from minimedi import kernels
+from minimedi.kernels import reference
+from minimedi.kernels.flash_attention import attention as flash_attention
 
 REFERENCE = reference.attention  # kept: the dispatcher tests replace `reference.attention` with a trap
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

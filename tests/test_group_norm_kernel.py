@@ -1,4 +1,4 @@
-"""The fused Triton GroupNorm -> FiLM -> SiLU kernel against `kernels/reference.py`, forward and backward.
+"""The fused Triton GroupNorm -> FiLM -> SiLU kernel against `minimedi/kernels/reference.py`, forward and backward.
 
 On a CPU-only machine conftest.py sets TRITON_INTERPRET=1, so these run the real kernels in Triton's
 interpreter (slow: shapes stay tiny). The reference runs in float64 on the same (already rounded)
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.group_norm import GroupNormSiLU, group_norm_silu
+from minimedi import kernels
+from minimedi.kernels import reference
+from minimedi.kernels.group_norm import GroupNormSiLU, group_norm_silu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

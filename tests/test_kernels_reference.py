@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
+from minimedi import kernels
+from minimedi.kernels import reference
 
 
 def test_group_norm_silu_matches_separate_ops():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+from minimedi import kernels
 
 from minimedi import diffusion as D
 from minimedi.cascade import crop_at, draw_sr_batch, sr_condition, sr_training_losses, super_resolve

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kernels
+from minimedi import kernels
 from minimedi.config import make_config
 from minimedi.errors import UserError
 from minimedi.unet import UNet, ResBlock, SelfAttention, CrossAttention, token_mask
