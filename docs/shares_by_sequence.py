@@ -1,6 +1,7 @@
 """Female share by MR sequence on the tuning's prompts and the report's, at 10 and 25 DDIM steps.
 
-align.py tunes on 64 prompts (`tuning_prompts`) with images from a 10-step chain (`--align-ddim-steps`); the
+align.py tunes on 64 prompts (`tuning_prompts`; the first phrasing of each combination when
+`--align-phrasings` gives it more) with images from a 10-step chain (`--align-ddim-steps`); the
 report reads 25-step images of 64 other prompts (`evaluation_prompts`). A per-sequence spread in the report
 can come from either difference rather than from the tuning itself. This draws 6 images of every prompt of
 both sets from the same noise at both lengths, and prints for each model the raw share the tuning
