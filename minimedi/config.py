@@ -192,6 +192,8 @@ class AlignConfig:
     phrasings: int = opt(1, "grammar captions per attribute combination among the tuning prompts (1: 64 neutral "
                             "prompts; 8 or 16 did not reach the report's phrasing better, README)",
                          flag="--align-phrasings", ge=1, le=16)
+    focus: float = opt(0.0, "draw the neutral tuning prompts of sequences further from the target more often: "
+                            "weight exp(focus |running share - target|) (0: uniformly)", flag="--align-focus", ge=0)
     named_sex: float = opt(0.25, "share of tuning prompts that name sex, with that sex as their target "
                                  "(0 = none, the ablation)", ge=0, le=1)
     cap: str = opt("match", "pull each image to the classifier's reading of its matched real target image from "

@@ -23,6 +23,7 @@ and asks a frozen subgroup classifier what it sees:
    image and the frozen teacher's image from the same noise and prompt, so that only the subgroup
    changes, not the content ("knowledge distillation" in Han et al. 2025).
 """
+import bisect
 import math
 
 import torch
@@ -72,24 +73,70 @@ def uncertainty(rank, n, r):
 
 # ---- per prompt: the tuning batch, and the assignment within each prompt's images ---------------------
 
-def prompt_batch(neutral, named, n_prompts, per_prompt, named_share, target_share, generator):
+def prompt_batch(neutral, named, n_prompts, per_prompt, named_share, target_share, generator, weights=None):
     """One tuning step's prompts: (captions [P M], groups [P M] long, shares [P] float), P = n_prompts.
 
     Each prompt names sex with probability `named_share` (then a woman or a man, evenly, from `named` =
     {"female": [...], "male": [...]}) and takes that sex as its target, share 1 or 0; otherwise it is one
-    of the `neutral` captions and takes `target_share`. Each prompt is repeated per_prompt (M) times with
-    its own noise, and groups[i] says which prompt image i belongs to: the assignment runs within it.
+    of the `neutral` captions, drawn in proportion to `weights` (None: uniformly; `GroupFocus`), and takes
+    `target_share`. Each prompt is repeated per_prompt (M) times with its own noise, and groups[i] says
+    which prompt image i belongs to: the assignment runs within it.
     """
+    cdf = None if weights is None else (weights.cumsum(0) / weights.sum()).tolist()
     captions, shares = [], []
     for named_now, woman, u in torch.rand(n_prompts, 3, generator=generator).tolist():
         if named_now < named_share:
             pool, share = named["female" if woman < 0.5 else "male"], float(woman < 0.5)
+            captions.append(pool[int(u * len(pool))])
         else:
-            pool, share = neutral, target_share
-        captions.append(pool[int(u * len(pool))])
+            index = int(u * len(neutral)) if cdf is None else min(bisect.bisect_right(cdf, u), len(neutral) - 1)
+            captions.append(neutral[index])
+            share = target_share
         shares.append(share)
     groups = torch.arange(n_prompts).repeat_interleave(per_prompt)
     return [captions[g] for g in groups.tolist()], groups, torch.tensor(shares, dtype=torch.float64)
+
+
+class GroupFocus:
+    """Which neutral tuning prompts to draw more often: those of the groups (e.g. sequences) whose images are
+    furthest from the target share. Group DRO (Sagawa et al. 2020) upweights the worst group's loss; here the
+    reweighting picks the prompts, so a lagging group gets more tuning steps, each with the usual loss.
+
+    Prompt i of group g is drawn with weight exp(strength |s_g - r|), where s_g is a running mean (decay per
+    reading) of the classifier's calibrated p(female) over group g's tuning images and r the target share;
+    a group not read yet counts as on target. strength 0 draws uniformly.
+    """
+
+    def __init__(self, keys, target_share, strength, decay=0.8):
+        self.names = sorted(set(keys))
+        self.group = torch.tensor([self.names.index(k) for k in keys])
+        self.target, self.strength, self.decay = target_share, strength, decay
+        self.share = torch.full((len(self.names),), math.nan, dtype=torch.float64)
+
+    def weights(self):
+        """[len(keys)] the draw weight of each prompt."""
+        gap = (self.share - self.target).abs().nan_to_num(0.0)
+        return torch.exp(self.strength * gap)[self.group]
+
+    def update(self, prompt_index, p_female):
+        """Read one step's images: prompt_index [N] long (the neutral prompt each image came from, -1 for the
+        others) and their p_female [N]."""
+        for g in range(len(self.names)):
+            mine = (prompt_index >= 0) & (self.group[prompt_index.clamp(min=0)] == g)
+            if mine.any():
+                now = float(p_female[mine].double().mean())
+                old = float(self.share[g])
+                self.share[g] = now if math.isnan(old) else self.decay * old + (1 - self.decay) * now
+
+    def shares(self):
+        """{group: running share} of the groups read so far, for the log."""
+        return {n: float(s) for n, s in zip(self.names, self.share) if not math.isnan(s)}
+
+    def state_dict(self):
+        return {"share": self.share.clone()}
+
+    def load_state_dict(self, state):
+        self.share = state["share"].clone()
 
 
 def assign_within_prompts(p_female, groups, shares, threshold=1.0, offsets=None):

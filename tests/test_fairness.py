@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from minimedi.clip import CLIP, CLIPConfig
 from minimedi.fairness import (
-    assign_within_prompts, binomial_cdf, clip_consistency_loss, consistency_weights, distributional_alignment_loss,
-    hungarian, joint_alignment_loss, joint_ot_assign, kl_alignment_loss, largest_remainder_counts, matched_caps,
-    matched_log_odds, ot_assign, prompt_batch, real_confidence, uncertainty)
+    GroupFocus, assign_within_prompts, binomial_cdf, clip_consistency_loss, consistency_weights,
+    distributional_alignment_loss, hungarian, joint_alignment_loss, joint_ot_assign, kl_alignment_loss,
+    largest_remainder_counts, matched_caps, matched_log_odds, ot_assign, prompt_batch, real_confidence, uncertainty)
 
 
 def transport_cost(probs, targets):
@@ -184,6 +184,33 @@ def test_per_prompt_ot_assigns_the_target_share_within_each_prompt():
     loss, _ = distributional_alignment_loss(logits, groups, torch.tensor([0.5, 0.5]), threshold=1.0)
     loss.backward()
     assert torch.equal(logits.grad[:, 1] < 0, targets == 1)
+
+
+def test_weighted_prompt_draws_follow_the_weights():
+    neutral, named = [f"n{i}" for i in range(4)], {"female": ["w"], "male": ["m"]}
+    same = [prompt_batch(neutral, named, 300, 1, 0.25, 0.45, torch.Generator().manual_seed(3), weights)[0]
+            for weights in (None, torch.ones(4))]
+    assert same[0] == same[1]  # uniform weights draw exactly what no weights draw
+    weights = torch.tensor([0.0, 1.0, 2.0, 5.0])
+    captions, _, _ = prompt_batch(neutral, named, 8000, 1, 0.0, 0.45, torch.Generator().manual_seed(4), weights)
+    for caption, w in zip(neutral, (weights / weights.sum()).tolist()):
+        share = captions.count(caption) / len(captions)
+        assert abs(share - w) < 4 * math.sqrt(max(w * (1 - w), 1e-12) / len(captions)) + 1e-12, caption
+
+
+def test_group_focus_weights_the_groups_furthest_from_the_target():
+    focus = GroupFocus(["t1", "t2", "t1", "flair"], target_share=0.4, strength=10.0, decay=0.5)
+    assert focus.weights().tolist() == [1.0] * 4  # nothing read: every group counts as on target
+    # prompt 0 (t1) reads 0.4 (on target), prompt 1 (t2) 0.1; flair is not drawn this step
+    focus.update(torch.tensor([0, 0, 1, 1, -1]), torch.tensor([0.3, 0.5, 0.0, 0.2, 0.9]))
+    assert focus.shares() == pytest.approx({"t1": 0.4, "t2": 0.1})
+    assert focus.weights().tolist() == pytest.approx([1.0, math.exp(3.0), 1.0, 1.0])
+    focus.update(torch.tensor([1, 3]), torch.tensor([0.5, 0.9]))  # t2 now 0.5 0.1 + 0.5 0.5; flair first read
+    assert focus.shares() == pytest.approx({"flair": 0.9, "t1": 0.4, "t2": 0.3})
+    assert focus.weights().tolist() == pytest.approx([1.0, math.exp(1.0), 1.0, math.exp(5.0)])
+    restored = GroupFocus(["t1", "t2", "t1", "flair"], 0.4, 10.0, 0.5)
+    restored.load_state_dict(focus.state_dict())
+    assert torch.equal(restored.weights(), focus.weights())
 
 
 def test_named_sex_prompts_take_share_one_or_zero():

@@ -30,7 +30,8 @@ TASKS = {
     "sr": (train, lambda n: ["--task", "sr", "--sr-steps", str(n)], "sr.pt", ("clip.pt", "diffusion.pt"), 30),
     "classifier": (train, lambda n: ["--task", "classifier", "--cls-steps", str(n)], "classifier.pt",
                    ("clip.pt", "diffusion.pt"), 30),
-    "aligned": (align, lambda n: ["--align-steps", str(n), "--align-ckpt-every", "2", "--no-report"], "aligned.pt",
+    "aligned": (align, lambda n: ["--align-steps", str(n), "--align-ckpt-every", "2", "--align-focus", "10",
+                                  "--no-report"], "aligned.pt",
                 ("clip.pt", "diffusion.pt", "classifier.pt"), 12),
 }
 

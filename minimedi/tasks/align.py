@@ -69,7 +69,7 @@ def alignment_loss(cfg, classifier, images, groups, prompt_shares, shares, real_
                                                              cfg.align.cap)
     else:
         loss, _ = fairness.joint_alignment_loss(logits, probs, shares, groups)
-    return loss, class_shares(probs.argmax(-1), len(shares)), stats
+    return loss, probs, stats
 
 
 def real_confidence(cfg, classifier, cls_ckpt):
@@ -110,11 +110,15 @@ def make_aligned(cfg, d):
                 "text": base["text"], "align": config_to_dict(cfg)["align"], "classes": classes,
                 "target_shares": shares}
 
-    loop = training.TrainLoop(path, a.steps, {"student": student, "ema": ema, "optimizer": opt, "batches": g},
+    tuning = tuning_prompts(a.phrasings)
+    neutral, position = [p["prompt"] for p in tuning], {p["prompt"]: i for i, p in enumerate(tuning)}
+    reads_sex = classes == ["male", "female"]  # only a sex classifier reads named sex or a sequence's female share
+    focus = fairness.GroupFocus([p["modality"] for p in tuning], shares[1], a.focus if reads_sex else 0.0)
+    loop = training.TrainLoop(path, a.steps, {"student": student, "ema": ema, "optimizer": opt, "batches": g,
+                                              "focus": focus},
                               record, a.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="align")
-    neutral = [p["prompt"] for p in tuning_prompts(a.phrasings)]
     named = {sex: [p["prompt"] for p in prompts] for sex, prompts in named_sex_tuning_prompts(a.phrasings).items()}
-    named_share = a.named_sex if classes == ["male", "female"] else 0.0  # only a sex classifier reads named sex
+    named_share = a.named_sex if reads_sex else 0.0
     real_toward = real_confidence(cfg, classifier, cls_ckpt)
     size, prediction = teacher.image_size, teacher.diffusion.prediction
     log_snrs = diffusion.sampling_log_snrs(a.ddim_steps, teacher.diffusion.schedule, d.device)
@@ -127,7 +131,8 @@ def make_aligned(cfg, d):
     encoder, running = teacher.encoder, None
     for step in loop:
         captions, groups, prompt_shares = fairness.prompt_batch(neutral, named, a.batch // a.per_prompt, a.per_prompt,
-                                                                named_share, shares[1], g)
+                                                                named_share, shares[1], g,
+                                                                focus.weights() if focus.strength > 0 else None)
         if not a.per_prompt_ot:  # the ablation: one assignment over the whole batch, to the batch's mean share
             groups, prompt_shares = torch.zeros_like(groups), prompt_shares.mean().reshape(1)
         offsets = torch.rand(len(prompt_shares), generator=g)  # randomized rounding of each prompt's n r women
@@ -137,8 +142,11 @@ def make_aligned(cfg, d):
         x_student = sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance, prediction,
                                           checkpoint=a.checkpoint, grad_steps=grad_steps,
                                           detach_uncond=a.detach_uncond)
-        align, fractions, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
-                                                 shares, real_toward, offsets)
+        align, probs, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
+                                             shares, real_toward, offsets)
+        fractions = class_shares(probs.argmax(-1), len(shares))
+        if reads_sex:
+            focus.update(torch.tensor([position.get(c, -1) for c in captions]), probs[:, 1].cpu())
         loss, clip = align, torch.zeros(())
         if a.lambda_clip > 0:  # the teacher's images cost as much as the student's forward: skip when unused
             x_teacher = sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled, a.guidance, prediction)
@@ -155,7 +163,7 @@ def make_aligned(cfg, d):
                              **{c.replace(" ", "_"): f"{share:.2f}" for c, share in zip(classes, running.tolist())})
         log(task="align", step=step + 1, align_loss=align, clip_loss=clip,
             class_fractions=dict(zip(classes, fractions.tolist())), **stats,
-            running_class_fractions=dict(zip(classes, running.tolist())))
+            running_class_fractions=dict(zip(classes, running.tolist())), sequence_female=focus.shares())
     loop.finish()
     print(f"saved {path}")
     return merge_lora(copy.deepcopy(ema.module))
