@@ -192,6 +192,8 @@ class AlignConfig:
     phrasings: int = opt(1, "grammar captions per attribute combination among the tuning prompts (1: 64 neutral "
                             "prompts; 8 or 16 did not reach the report's phrasing better, README)",
                          flag="--align-phrasings", ge=1, le=16)
+    templates: int = opt(0, "also tune on each combination in this many tuning-only sentence shapes "
+                            "(captions.TUNING_TEMPLATES; 0: the grammar's alone)", flag="--align-templates", ge=0, le=3)
     focus: float = opt(0.0, "draw the neutral tuning prompts of sequences further from the target more often: "
                             "weight exp(focus |running share - target|) (0: uniformly)", flag="--align-focus", ge=0)
     named_sex: float = opt(0.25, "share of tuning prompts that name sex, with that sex as their target "

@@ -5,7 +5,7 @@ from collections import Counter
 import dataclasses
 
 from minimedi.config import AlignConfig
-from minimedi.data.captions import (MAX_PHRASINGS, MODALITIES, all_captions, evaluation_prompts,
+from minimedi.data.captions import (MAX_PHRASINGS, MODALITIES, TUNING_TEMPLATES, all_captions, evaluation_prompts,
                                     named_sex_evaluation_prompts, named_sex_tuning_prompts, tuning_prompts,
                                     unseen_prompts)
 from tests.test_phantom import parse, words
@@ -31,6 +31,22 @@ def test_tuning_prompts_are_distinct_phrasings_of_every_combination():
     assert len(openings) > 3  # FLAIR's 128 captions mix openings and sequence names
 
 
+def test_tuning_templates_add_one_caption_a_combination_in_shapes_the_grammar_never_writes():
+    one, more = tuning_prompts(), tuning_prompts(1, len(TUNING_TEMPLATES))
+    width = 1 + len(TUNING_TEMPLATES)
+    assert len(more) == 64 * width and len({p["prompt"] for p in more}) == 64 * width
+    assert [p["prompt"] for p in more[::width]] == [p["prompt"] for p in one]  # the grammar's captions come first
+    for k, p in enumerate(more):
+        parsed = parse(p["prompt"])
+        assert not parsed["sexes"] and not parsed["ages"] and parsed["modality"] == p["modality"]
+        assert parsed["sides"] == [p["side"]] and parsed["lobes"] == [p["lobe"]]
+        assert parsed["sizes"] == [p["tumor_size"]]
+        if k % width:
+            assert p["prompt"] not in all_captions({**p, "tumor": True})
+    shapes = Counter(p["prompt"].split(" ")[0] for p in more[1::width])
+    assert len(shapes) > 1  # the first template opens with its size word, drawn per combination
+
+
 def test_named_sex_tuning_prompts_name_their_sex_and_come_from_the_grammar():
     named = named_sex_tuning_prompts(4)
     neutral = {combination(p) for p in tuning_prompts()}
@@ -47,7 +63,9 @@ def test_named_sex_tuning_prompts_name_their_sex_and_come_from_the_grammar():
 def test_report_prompts_are_never_tuning_prompts():
     phrasings = {f.name: f for f in dataclasses.fields(AlignConfig)}["phrasings"]
     assert phrasings.metadata["le"] == MAX_PHRASINGS  # --align-phrasings cannot reach past what the report avoids
-    tuning = {p["prompt"] for p in tuning_prompts(MAX_PHRASINGS)}
+    templates = {f.name: f for f in dataclasses.fields(AlignConfig)}["templates"]
+    assert templates.metadata["le"] == len(TUNING_TEMPLATES)
+    tuning = {p["prompt"] for p in tuning_prompts(MAX_PHRASINGS, len(TUNING_TEMPLATES))}
     tuning |= {p["prompt"] for prompts in named_sex_tuning_prompts(MAX_PHRASINGS).values() for p in prompts}
     report = [p for p in evaluation_prompts()]
     report += [p for prompts in named_sex_evaluation_prompts().values() for p in prompts]

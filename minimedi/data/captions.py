@@ -76,6 +76,13 @@ EVALUATION_MODALITY = {"t1": "T1-weighted", "t1ce": "contrast-enhanced T1-weight
                        "t2": "T2-weighted", "flair": "FLAIR"}
 # Held out of GRAMMAR too: no caption starts with "Axial slice"; used for the report's unseen prompts.
 SECOND_TEMPLATE = "Axial slice of the brain, {modality} MRI, showing a {size} glioma in the {side} {lobe} lobe."
+# Tuning-only sentence shapes: grammar words in orders that neither GRAMMAR nor the report writes (none opens
+# with "Brain", "Axial slice" or an opening of GRAMMAR), so tuning can see more than the grammar's shapes.
+TUNING_TEMPLATES = (
+    "{size} {glioma} in the {side} {lobe} lobe, axial {modality} {scan} of the brain.",
+    "MRI of the brain, axial {modality} image with a {size} {glioma} of the {side} {lobe} lobe.",
+    "{modality} {scan}, axial, of the brain with a {size} {glioma} in the {side} {lobe} lobe.",
+)
 TUNING_SEED = 7919  # tuning prompts are grammar samples drawn with this fixed seed
 MAX_PHRASINGS = 16  # the most phrasings per combination tuning may use; the report's prompts avoid them all
 EVALUATION_SEED = 104729  # and the report's grammar prompts with this one
@@ -150,13 +157,21 @@ def distinct_captions(attrs, rng, k, p_sex):
     return texts
 
 
-def tuning_prompts(phrasings=1):
-    """64 x `phrasings` grammar captions without sex or age (that many different phrasings of each glioma
-    attribute combination), with their attributes."""
+def template_caption(template, attrs, rng):
+    """`template` filled in with one item's words (synonyms drawn from rng), naming neither sex nor age."""
+    return capitalize(expand({**item_grammar(attrs, False, False), "caption": [template]}, "caption", rng))
+
+
+def tuning_prompts(phrasings=1, templates=0):
+    """64 x (`phrasings` + `templates`) captions without sex or age, with their attributes: for each glioma
+    attribute combination, that many different grammar phrasings, then one caption in each of the first
+    `templates` of `TUNING_TEMPLATES`."""
     prompts = []
     for k, a in enumerate(tumor_attributes()):
         rng = np.random.Generator(np.random.PCG64([TUNING_SEED, k]))
-        prompts += [{"prompt": text, **a} for text in distinct_captions({**a, "tumor": True}, rng, phrasings, 0.0)]
+        texts = distinct_captions({**a, "tumor": True}, rng, phrasings, 0.0)
+        texts += [template_caption(t, {**a, "tumor": True}, rng) for t in TUNING_TEMPLATES[:templates]]
+        prompts += [{"prompt": text, **a} for text in texts]
     return prompts
 
 

@@ -110,7 +110,7 @@ def make_aligned(cfg, d):
                 "text": base["text"], "align": config_to_dict(cfg)["align"], "classes": classes,
                 "target_shares": shares}
 
-    tuning = tuning_prompts(a.phrasings)
+    tuning = tuning_prompts(a.phrasings, a.templates)
     neutral, position = [p["prompt"] for p in tuning], {p["prompt"]: i for i, p in enumerate(tuning)}
     reads_sex = classes == ["male", "female"]  # only a sex classifier reads named sex or a sequence's female share
     focus = fairness.GroupFocus([p["modality"] for p in tuning], shares[1], a.focus if reads_sex else 0.0)
