@@ -19,6 +19,8 @@ The prompt sets of alignment tuning:
   "woman" / "female patient": their target is that sex (share 1 or 0), so tuning keeps named sex.
 `--align-phrasings` sets k (default 1). Eight or sixteen phrasings of each combination did not carry the
 tuning better to the report's held-out phrasing (docs/fairness_experiments.md, "The worst sequence").
+`--align-templates n` adds one caption of each combination in each of n sentence shapes the grammar never
+writes (`TUNING_TEMPLATES`), distinct from the report's two as well.
 
 The prompt sets of the fairness report, none of which tuning ever sees:
 - `evaluation_prompts()`: one held-out template ("Brain MRI, axial FLAIR slice showing ...") made only
