@@ -214,6 +214,10 @@ class AlignConfig:
     uncertainty: float = opt(1.0, "drop assignments whose binomial uncertainty exceeds this (1: keep all; "
                                   "Shen et al.'s 0.2 weakens the pull near the target)", ge=0, le=1)
     lora_rank: int = opt(8, "LoRA rank", ge=1)
+    lora_targets: str = opt("qkv,q,kv,out,film", "the UNet's linear layers that get adapters, by name, comma-separated: "
+                                                 "qkv (self-attention), q / kv (cross-attention's image queries / "
+                                                 "caption keys and values), out (both attentions' outputs), film "
+                                                 "(the timestep and pooled caption's scale and shift)")
     full: bool = opt(False, "tune the whole UNet instead of LoRA adapters")
     ema: float = opt(0.95, "EMA decay of the tuned weights", flag="--align-ema", ge=0, lt=1)
     ckpt_every: int = opt(10, "write aligned.pt every N steps", flag="--align-ckpt-every", ge=1)

@@ -70,10 +70,20 @@ def test_sex_by_age_group_aligns_to_the_target_corpus_joint_shares(tiny_base, tm
     assert all(abs(f * batch - round(f * batch)) < 1e-6 for f in last["class_fractions"].values())  # counts / batch
 
 
+def test_lora_targets_choose_the_layers_that_move(tiny_base, tmp_path):
+    run = copy_run(tiny_base, tmp_path / "run")
+    align.main(TINY + ["--run", str(run), "--align-lr", "1e-2", "--align-steps", "2", "--lora-targets", "kv,film",
+                       "--no-report"])
+    before, after = load_checkpoint(run / "diffusion.pt")["ema"], load_checkpoint(run / "aligned.pt")["ema"]
+    moved = {k.rpartition(".")[0].rsplit(".", 1)[-1] for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"kv", "film"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--target-female", "1.5"], "must be <= 1"),
     (["--align-loss", "l2"], "invalid choice"),
     (["--lambda-clip"], "expected one argument"),
+    (["--lora-targets", "q,foo"], "foo is not one of"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, message):
     r = subprocess.run([sys.executable, "align.py", *TINY, "--run", str(tmp_path), *argv], cwd=ROOT,

@@ -26,6 +26,7 @@ from minimedi import distributed
 from minimedi.checkpoint import load_checkpoint
 from minimedi.config import config_from_dict
 from minimedi.errors import UserError
+from minimedi.lora import UNET_TARGETS
 from minimedi.tasks.align import make_aligned
 from minimedi.tasks.classifier import make_classifier
 from minimedi.tasks.clip import clip_config, make_clip
@@ -160,6 +161,10 @@ def preflight(cfg):
         raise UserError("--target brats:PATH needs --labels CSV (subject,sex): BraTS ships no sex")
     if cfg.align.batch % cfg.align.per_prompt:
         raise UserError(f"--align-batch {cfg.align.batch} is not a multiple of --align-per-prompt {cfg.align.per_prompt}")
+    unknown = set(cfg.align.lora_targets.split(",")) - set(UNET_TARGETS)
+    if unknown:
+        raise UserError(f"--lora-targets {cfg.align.lora_targets}: {', '.join(sorted(unknown))} is not one of "
+                        f"{','.join(UNET_TARGETS)}")
     check_unet(cfg.unet, cfg.data.image_size)
     if not cfg.clip.weights:
         clip_config(cfg.clip, cfg.data.image_size)

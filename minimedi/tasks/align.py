@@ -38,7 +38,7 @@ from minimedi.pipeline import load_generator
 
 def architecture(cfg):
     a = cfg.align
-    return {"align": {"full": a.full, "lora_rank": a.lora_rank}}
+    return {"align": {"full": a.full, "lora_rank": a.lora_rank, "lora_targets": a.lora_targets}}
 
 
 def target_shares(cfg, classes, shares, path):
@@ -96,7 +96,7 @@ def make_aligned(cfg, d):
         teacher.unet.compile()  # the teacher only samples; the student's LoRA graph stays eager (it is merged later)
     student = copy.deepcopy(teacher.unet).requires_grad_(True)
     torch.manual_seed(cfg.run.seed)  # the adapters' random init: same seed, same run
-    params = list(student.parameters()) if a.full else inject_lora(student, a.lora_rank)
+    params = list(student.parameters()) if a.full else inject_lora(student, a.lora_rank, targets=tuple(a.lora_targets.split(",")))
     opt = torch.optim.AdamW(params, lr=a.lr)
     ema = training.make_ema(student, a.ema)
     g = torch.Generator().manual_seed(cfg.run.seed)
