@@ -217,7 +217,8 @@ class AlignConfig:
     lora_targets: str = opt("qkv,q,kv,out,film", "the UNet's linear layers that get adapters, by name, comma-separated: "
                                                  "qkv (self-attention), q / kv (cross-attention's image queries / "
                                                  "caption keys and values), out (both attentions' outputs), film "
-                                                 "(the timestep and pooled caption's scale and shift)")
+                                                 "(the timestep and pooled caption's scale and shift), text (the "
+                                                 "CLIP text transformer's: aligned.pt then carries its tuned copy)")
     full: bool = opt(False, "tune the whole UNet instead of LoRA adapters")
     ema: float = opt(0.95, "EMA decay of the tuned weights", flag="--align-ema", ge=0, lt=1)
     ckpt_every: int = opt(10, "write aligned.pt every N steps", flag="--align-ckpt-every", ge=1)

@@ -188,7 +188,7 @@ def fairness_report(cfg, device):
         generator = load_generator(which, run, device, truncate=True)
         if cfg.run.compile:
             generator.unet.compile()
-        judges["clip"] = generator.encoder.clip
+        judges.setdefault("clip", generator.encoder.clip)  # the base's: aligned.pt may carry a tuned text encoder
         start = time.time()
         images = generator(texts, cfg.eval.steps, guidance=cfg.sample.guidance, seed=cfg.run.seed)
         seconds = time.time() - start

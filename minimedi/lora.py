@@ -13,6 +13,10 @@ In the UNet we adapt the attention projections (self-attention `qkv`, `out`; cro
 `kv`, `out`) and the FiLM projections (`film`) that inject the noise level and caption into every
 residual block. After tuning, `merge_lora` folds (alpha / r) B A into W, leaving a plain UNet with
 exactly the original architecture, so the sampler and checkpoints need to know nothing about LoRA.
+
+Shen et al. tune the text encoder by default. `TEXT_TARGETS` are the CLIP text transformer's linear layers
+(attention output `out_proj`, MLP `c_fc`, `c_proj`; its fused q/k/v is a bare weight, not an nn.Linear), so
+`align.py --lora-targets ...,text` can adapt the token states every caption reaches the UNet through.
 """
 import math
 
@@ -22,6 +26,8 @@ import torch.nn.functional as F
 
 # The UNet's nn.Linear layers that get adapters, by the last component of their module name.
 UNET_TARGETS = ("qkv", "q", "kv", "out", "film")
+# The CLIP text transformer's, likewise; `--lora-targets` names them all together as "text".
+TEXT_TARGETS = ("out_proj", "c_fc", "c_proj")
 
 
 class LoRALinear(nn.Module):

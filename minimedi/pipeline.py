@@ -9,12 +9,14 @@ Where a generator comes from (`load_generator`):
 - a run folder's `diffusion.pt` or `aligned.pt`: the checkpoint records its architecture, its diffusion
   settings and its text encoder ("clip.pt", relative to the run folder, or an absolute `--clip` path);
 - an exported model folder (`python -m minimedi.export`): `config.json`, `model.safetensors` (UNet EMA
-  weights) and `text_encoder.safetensors` (the CLIP it was trained with), which loads from anywhere.
+  weights) and `text_encoder.safetensors` (the CLIP it reads captions with), which loads from anywhere.
 
 Imagen's cascade (`Cascade`): with `stages="all"` and a super-resolution stage beside the base model (the
 run's `sr.pt`, or `sr.safetensors` in an exported folder), the generator is the base model followed by
 `cascade.super_resolve`. The aligned model's cascade is the aligned base followed by the same SR stage: the
 SR stage only adds detail the low-resolution image cannot hold, so it is trained once, on the base corpus.
+Each stage reads captions through the text encoder it was trained with: an aligned.pt whose text encoder
+was tuned (`align.py --lora-targets ...,text`) still hands the SR stage the frozen one.
 """
 import json
 import os
@@ -34,6 +36,7 @@ from minimedi.unet import UNet
 
 MAKES = {"diffusion": "python train.py", "aligned": "python align.py"}
 EXPORT_FILES = ("config.json", "model.safetensors", "text_encoder.safetensors")
+SR_TEXT_ENCODER = "sr_text_encoder.safetensors"  # exported only when the base's text encoder was tuned
 
 
 class TextToImage:
@@ -75,10 +78,12 @@ class Cascade:
     `sr` holds the SR stage's sampling settings (`cascade.super_resolve`): the fixed noise conditioning
     augmentation level `aug_level`, `steps`, `guidance` and `keep_low`. One generator seeded with `seed` draws
     the base samples and then the SR stage's noise, so the same seed gives the same images and the two stages
-    never share noise."""
+    never share noise. `sr_encoder` is the text encoder the SR stage was trained with."""
 
-    def __init__(self, base, sr_unet, sr_diffusion, size, aug_level=0.1, steps=20, guidance=1.0, keep_low=True):
-        self.base, self.sr_unet, self.sr_diffusion, self.image_size = base, sr_unet, sr_diffusion, size
+    def __init__(self, base, sr_unet, sr_encoder, sr_diffusion, size, aug_level=0.1, steps=20, guidance=1.0,
+                 keep_low=True):
+        self.base, self.sr_unet, self.sr_encoder, self.sr_diffusion = base, sr_unet, sr_encoder, sr_diffusion
+        self.image_size = size
         self.sr = {"aug_level": aug_level, "steps": steps, "guidance": guidance, "keep_low": keep_low}
 
     @property
@@ -99,7 +104,7 @@ class Cascade:
         """As `TextToImage`; with `return_base`, (base images, final images) of the same samples."""
         g = torch.Generator(self.device).manual_seed(seed)
         low = self.base(prompts, steps, sampler, guidance, eta, batch_size=batch_size, generator=g)
-        states, mask, pooled = self.encoder.encode(prompts)
+        states, mask, pooled = self.sr_encoder.encode(prompts)
         d = self.sr_diffusion
         high = super_resolve(self.sr_unet, low.to(self.device), states, mask, pooled, size=self.image_size,
                              aug_level=self.sr["aug_level"], steps=self.sr["steps"], sampler=sampler, eta=eta,
@@ -118,6 +123,16 @@ def load_text_encoder(reference, base_dir, device="cpu", truncate=False):
     return FrozenTextEncoder(load_clip(path).to(device), truncate=truncate)
 
 
+def checkpoint_text_encoder(ckpt, run_dir, device="cpu", truncate=False):
+    """The text encoder a checkpoint's UNet reads: its own tuned CLIP (aligned.pt of `align.py --lora-targets
+    ...,text`) or the frozen one it names."""
+    tuned = ckpt.get("text_encoder")
+    if tuned is None:
+        return load_text_encoder(ckpt["text"]["clip"], run_dir, device, truncate)
+    clip = CLIP.from_openai_state_dict(tuned["model"], CLIPConfig(**tuned["config"])).eval()
+    return FrozenTextEncoder(clip.to(device), truncate=truncate)
+
+
 def build_unet(architecture, text_dims):
     """A UNet with the shape an artifact recorded (`architecture` = {"unet": {...}, "data": {"image_size"}})."""
     return UNet(UNetConfig(**architecture["unet"]), *text_dims, image_channels=1,
@@ -130,14 +145,14 @@ def build_sr_unet(architecture, text_dims):
     return SRUNet(SRConfig(**fields, crop=0), *text_dims)
 
 
-def with_sr(base, sr_unet, record, sr):
+def with_sr(base, sr_unet, sr_encoder, record, sr):
     """`base` followed by the SR stage `sr_unet` (its checkpoint or export record: architecture, config,
-    text dims), sampled with the settings `sr` (see `Cascade`)."""
-    if list(record["text"]["dims"]) != list(base.encoder.dims):
-        raise UserError(f"the super-resolution stage reads {record['text']['dims']}-wide text features, the base "
-                        f"model's encoder gives {list(base.encoder.dims)}: retrain it with `python train.py --task sr`")
+    text dims) reading captions through `sr_encoder`, sampled with the settings `sr` (see `Cascade`)."""
+    if list(record["text"]["dims"]) != list(sr_encoder.dims):
+        raise UserError(f"the super-resolution stage reads {record['text']['dims']}-wide text features, its text "
+                        f"encoder gives {list(sr_encoder.dims)}: retrain it with `python train.py --task sr`")
     sr_unet = sr_unet.to(base.device).eval().requires_grad_(False)
-    return Cascade(base, sr_unet, DiffusionConfig(**record["config"]["diffusion"]),
+    return Cascade(base, sr_unet, sr_encoder, DiffusionConfig(**record["config"]["diffusion"]),
                    record["architecture"]["sr"]["size"], **(sr or {}))
 
 
@@ -151,10 +166,14 @@ def load_generator(model="diffusion", run_dir="runs/default", device="cpu", trun
         if stages == "base" or not os.path.exists(path):
             return base
         with open(os.path.join(folder, "config.json")) as f:
-            record = json.load(f)["sr"]
+            config = json.load(f)
+        record = config["sr"]
         sr_unet = build_sr_unet(record["architecture"], record["text"]["dims"])
         sr_unet.load_state_dict(load_file(path))
-        return with_sr(base, sr_unet, record, sr)
+        sr_encoder = base.encoder
+        if os.path.exists(os.path.join(folder, SR_TEXT_ENCODER)):  # the base's text encoder was tuned
+            sr_encoder = exported_encoder(folder, SR_TEXT_ENCODER, config["text_encoder"], device, truncate)
+        return with_sr(base, sr_unet, sr_encoder, record, sr)
     base = load_base(model, run_dir, device, truncate)
     path = os.path.join(run_dir, "sr.pt")
     if stages == "base" or not os.path.exists(path):
@@ -162,7 +181,7 @@ def load_generator(model="diffusion", run_dir="runs/default", device="cpu", trun
     ckpt = load_checkpoint(path)
     sr_unet = build_sr_unet(ckpt["architecture"], ckpt["text"]["dims"])
     sr_unet.load_state_dict(ckpt["ema"])
-    return with_sr(base, sr_unet, ckpt, sr)
+    return with_sr(base, sr_unet, load_text_encoder(ckpt["text"]["clip"], run_dir, device, truncate), ckpt, sr)
 
 
 def load_base(model, run_dir, device, truncate):
@@ -171,7 +190,7 @@ def load_base(model, run_dir, device, truncate):
     if not os.path.exists(path):
         raise UserError(f"no {model} model at {path}: run `{MAKES[model]}` first (or pass --run DIR)")
     ckpt = load_checkpoint(path)
-    encoder = load_text_encoder(ckpt["text"]["clip"], run_dir, device, truncate)
+    encoder = checkpoint_text_encoder(ckpt, run_dir, device, truncate)
     unet = build_unet(ckpt["architecture"], ckpt["text"]["dims"])
     unet.load_state_dict(ckpt["ema"])
     unet = unet.to(device).eval().requires_grad_(False)
@@ -187,11 +206,15 @@ def load_exported(folder, device="cpu", truncate=False):
                         f"(missing {', '.join(missing)})")
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
-    clip = CLIP.from_openai_state_dict(load_file(os.path.join(folder, "text_encoder.safetensors")),
-                                       CLIPConfig(**config["text_encoder"]))
-    encoder = FrozenTextEncoder(clip.to(device), truncate=truncate)
+    encoder = exported_encoder(folder, "text_encoder.safetensors", config["text_encoder"], device, truncate)
     unet = build_unet(config["architecture"], encoder.dims)
     unet.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
     unet = unet.to(device).eval().requires_grad_(False)
     return TextToImage(unet, encoder, DiffusionConfig(**config["config"]["diffusion"]),
                        config["architecture"]["data"]["image_size"])
+
+
+def exported_encoder(folder, name, clip_config, device, truncate):
+    """The text encoder in `folder`/`name`, a CLIP of `clip_config` as safetensors."""
+    clip = CLIP.from_openai_state_dict(load_file(os.path.join(folder, name)), CLIPConfig(**clip_config))
+    return FrozenTextEncoder(clip.to(device), truncate=truncate)

@@ -32,11 +32,15 @@ class FrozenTextEncoder:
 
     @torch.no_grad()
     def encode(self, captions, batch_size=256):
-        device = next(self.clip.parameters()).device
+        return self.encode_with(self.clip, captions, batch_size)
+
+    def encode_with(self, clip, captions, batch_size=256):
+        """`encode` through another CLIP (align.py's tuned copy), with autograd if its weights need it."""
+        device = next(clip.parameters()).device
         tokens = trim_padding(self.tokenizer(list(captions), truncate=self.truncate)).to(device)
         states, pooled = [], []
         for chunk in tokens.split(batch_size):
-            h, p = self.clip.text_hidden(chunk)
+            h, p = clip.text_hidden(chunk)
             states.append(h.float())
             pooled.append(p.float())
         return torch.cat(states), token_mask(tokens), torch.cat(pooled)

@@ -14,7 +14,9 @@ from minimedi.checkpoint import load_checkpoint
 from minimedi.classifier import class_shares, subgroup_labels
 from minimedi.config import make_config
 from minimedi.data import target_corpus
-from minimedi.lora import UNET_TARGETS
+from minimedi.clip import load_clip
+from minimedi.lora import TEXT_TARGETS, UNET_TARGETS
+from minimedi.pipeline import load_generator
 from tests.helpers import TINY, copy_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +79,24 @@ def test_lora_targets_choose_the_layers_that_move(tiny_base, tmp_path):
     before, after = load_checkpoint(run / "diffusion.pt")["ema"], load_checkpoint(run / "aligned.pt")["ema"]
     moved = {k.rpartition(".")[0].rsplit(".", 1)[-1] for k in before if not torch.equal(before[k], after[k])}
     assert moved == {"kv", "film"}
+
+
+def test_text_targets_tune_a_copy_of_the_text_encoder_that_sampling_reads(tiny_base, tmp_path):
+    run = copy_run(tiny_base, tmp_path / "run")
+    align.main(TINY + ["--run", str(run), "--align-lr", "1e-2", "--align-steps", "2", "--lora-targets", "text",
+                       "--no-report"])
+    base, aligned = load_checkpoint(run / "diffusion.pt"), load_checkpoint(run / "aligned.pt")
+    assert all(torch.equal(base["ema"][k], v) for k, v in aligned["ema"].items())  # the UNet is untouched
+    frozen, tuned = load_clip(run / "clip.pt").state_dict(), aligned["text_encoder"]["model"]
+    moved = {k for k in frozen if not torch.equal(frozen[k], tuned[k])}
+    assert moved and all(k.startswith("transformer.") and k.rpartition(".")[0].rsplit(".", 1)[-1] in TEXT_TARGETS
+                         and k.endswith(".weight") for k in moved), moved
+    prompt = ["Axial T2 MRI of the brain showing a small glioma in the left frontal lobe."]
+    generators = {m: load_generator(m, str(run)) for m in ("diffusion", "aligned")}
+    states = {m: g.encoder.encode(prompt)[0] for m, g in generators.items()}
+    assert not torch.equal(states["diffusion"], states["aligned"])  # aligned.pt's captions go through its own CLIP
+    assert not torch.equal(generators["diffusion"](prompt, steps=3, seed=1), generators["aligned"](prompt, steps=3,
+                                                                                                  seed=1))
 
 
 @pytest.mark.parametrize("argv, message", [

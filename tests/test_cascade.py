@@ -1,6 +1,8 @@
 """The cascade end to end on a tiny run: `train.py --task sr` refuses what cannot work, sample.py runs the base
 model then the SR stage (deterministic for a seed, at the final size, --stages base at the base size), and an
-exported folder carries the SR stage with it."""
+exported folder carries the SR stage with it (and, when align.py tuned the text encoder, the frozen one the
+SR stage reads)."""
+import dataclasses
 import json
 import shutil
 
@@ -12,9 +14,10 @@ import torch
 import sample
 import train
 from minimedi.checkpoint import load_checkpoint
+from minimedi.clip import load_clip
 from minimedi.errors import run_main
 from minimedi.export import main as export_main
-from minimedi.pipeline import Cascade, TextToImage, load_generator
+from minimedi.pipeline import SR_TEXT_ENCODER, Cascade, TextToImage, load_generator
 from tests.helpers import TINY, copy_run
 
 PROMPT = "Axial FLAIR MRI of the brain showing a large glioma in the left frontal lobe."
@@ -98,3 +101,20 @@ def test_the_aligned_cascade_is_the_aligned_base_then_the_same_sr_stage(sr_run, 
     low_aligned, _ = cascade([PROMPT] * 2, steps=2, seed=0, return_base=True)
     low_base, _ = base([PROMPT] * 2, steps=2, seed=0, return_base=True)
     assert not torch.equal(low_aligned, low_base)
+
+
+def test_an_aligned_text_encoder_reaches_the_base_stage_and_the_sr_stage_keeps_the_frozen_one(sr_run, tmp_path):
+    run = copy_run(sr_run, tmp_path / "run")
+    aligned, clip = load_checkpoint(run / "diffusion.pt"), load_clip(run / "clip.pt")
+    tuned = {k: v + 0.05 * torch.randn_like(v) if k.startswith("transformer.") else v
+             for k, v in clip.state_dict().items()}  # stands in for align.py --lora-targets text
+    aligned["text_encoder"] = {"config": dataclasses.asdict(clip.config), "model": tuned}
+    torch.save(aligned, run / "aligned.pt")
+    cascade = load_generator("aligned", str(run), stages="all", sr={"steps": 2})
+    states = {name: e.encode([PROMPT])[0] for name, e in (("base", cascade.encoder), ("sr", cascade.sr_encoder))}
+    assert not torch.equal(states["base"], states["sr"])
+    assert torch.equal(states["sr"], load_generator("diffusion", str(run)).encoder.encode([PROMPT])[0])
+    export_main(["--run", str(run), "--model", "aligned", "--out", str(tmp_path / "model")])
+    assert (tmp_path / "model" / SR_TEXT_ENCODER).exists()
+    exported = load_generator(str(tmp_path / "model"), stages="all", sr={"steps": 2})
+    assert torch.equal(exported([PROMPT], steps=2, seed=3), cascade([PROMPT], steps=2, seed=3))

@@ -161,10 +161,10 @@ def preflight(cfg):
         raise UserError("--target brats:PATH needs --labels CSV (subject,sex): BraTS ships no sex")
     if cfg.align.batch % cfg.align.per_prompt:
         raise UserError(f"--align-batch {cfg.align.batch} is not a multiple of --align-per-prompt {cfg.align.per_prompt}")
-    unknown = set(cfg.align.lora_targets.split(",")) - set(UNET_TARGETS)
+    unknown = set(cfg.align.lora_targets.split(",")) - set(UNET_TARGETS + ("text",))
     if unknown:
         raise UserError(f"--lora-targets {cfg.align.lora_targets}: {', '.join(sorted(unknown))} is not one of "
-                        f"{','.join(UNET_TARGETS)}")
+                        f"{','.join(UNET_TARGETS + ('text',))}")
     check_unet(cfg.unet, cfg.data.image_size)
     if not cfg.clip.weights:
         clip_config(cfg.clip, cfg.data.image_size)

@@ -20,6 +20,7 @@ aligned.pt holds the EMA of the tuned weights with the adapters merged, so it lo
 (`python sample.py --model aligned`), and the student, optimiser and generators for an exact resume.
 """
 import copy
+import dataclasses
 import os
 
 import torch
@@ -32,7 +33,7 @@ from minimedi.data.captions import named_sex_tuning_prompts, tuning_prompts
 from minimedi.data.reference import classifier_reference
 from minimedi.differentiable_sampler import random_grad_steps, sample_ddim_teacher, sample_ddim_with_grad
 from minimedi.errors import UserError
-from minimedi.lora import inject_lora, merge_lora
+from minimedi.lora import TEXT_TARGETS, inject_lora, merge_lora
 from minimedi.pipeline import load_generator
 
 
@@ -94,9 +95,19 @@ def make_aligned(cfg, d):
     base = load_checkpoint(os.path.join(cfg.run_dir, "diffusion.pt"))
     if cfg.run.compile:
         teacher.unet.compile()  # the teacher only samples; the student's LoRA graph stays eager (it is merged later)
-    student = copy.deepcopy(teacher.unet).requires_grad_(True)
+    student = copy.deepcopy(teacher.unet).requires_grad_(a.full)
+    targets = a.lora_targets.split(",")
+    unet_targets = tuple(t for t in targets if t != "text")
     torch.manual_seed(cfg.run.seed)  # the adapters' random init: same seed, same run
-    params = list(student.parameters()) if a.full else inject_lora(student, a.lora_rank, targets=tuple(a.lora_targets.split(",")))
+    params = list(student.parameters()) if a.full else []
+    if unet_targets and not a.full:
+        params = inject_lora(student, a.lora_rank, targets=unet_targets)
+    state = {"student": student}
+    text_student = None
+    if "text" in targets:  # Shen et al.'s default: adapters on the text encoder, so every caption's states move
+        text_student = copy.deepcopy(teacher.encoder.clip)
+        params += inject_lora(text_student.transformer, a.lora_rank, targets=TEXT_TARGETS)
+        state.update(text_student=text_student, text_ema=training.make_ema(text_student, a.ema))
     opt = torch.optim.AdamW(params, lr=a.lr)
     ema = training.make_ema(student, a.ema)
     g = torch.Generator().manual_seed(cfg.run.seed)
@@ -104,9 +115,13 @@ def make_aligned(cfg, d):
 
     def record():
         merged = merge_lora(copy.deepcopy(ema.module))
+        text = {}
+        if text_student is not None:
+            clip = merge_lora(copy.deepcopy(state["text_ema"].module))
+            text = {"text_encoder": {"config": dataclasses.asdict(clip.config), "model": clip.state_dict()}}
         return {"model": merged.state_dict(), "ema": merged.state_dict(), "config": base["config"],
                 "architecture": {**base["architecture"], **architecture(cfg)}, "data": base["data"],
-                "target_data": cls_ckpt["data"],
+                "target_data": cls_ckpt["data"], **text,
                 "text": base["text"], "align": config_to_dict(cfg)["align"], "classes": classes,
                 "target_shares": shares}
 
@@ -114,8 +129,7 @@ def make_aligned(cfg, d):
     neutral, position = [p["prompt"] for p in tuning], {p["prompt"]: i for i, p in enumerate(tuning)}
     reads_sex = classes == ["male", "female"]  # only a sex classifier reads named sex or a sequence's female share
     focus = fairness.GroupFocus([p["modality"] for p in tuning], shares[1], a.focus if reads_sex else 0.0)
-    loop = training.TrainLoop(path, a.steps, {"student": student, "ema": ema, "optimizer": opt, "batches": g,
-                                              "focus": focus},
+    loop = training.TrainLoop(path, a.steps, {**state, "ema": ema, "optimizer": opt, "batches": g, "focus": focus},
                               record, a.ckpt_every, d, cfg.run.resume, architecture(cfg), desc="align")
     named = {sex: [p["prompt"] for p in prompts] for sex, prompts in named_sex_tuning_prompts(a.phrasings).items()}
     named_share = a.named_sex if reads_sex else 0.0
@@ -137,10 +151,13 @@ def make_aligned(cfg, d):
             groups, prompt_shares = torch.zeros_like(groups), prompt_shares.mean().reshape(1)
         offsets = torch.rand(len(prompt_shares), generator=g)  # randomized rounding of each prompt's n r women
         states, mask, pooled = encoder.encode(captions)
+        student_states, student_pooled = states, pooled
+        if text_student is not None:
+            student_states, _, student_pooled = encoder.encode_with(text_student, captions)
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
         grad_steps = random_grad_steps(a.ddim_steps, a.grad_steps, g)
-        x_student = sample_ddim_with_grad(student, noise, log_snrs, states, mask, pooled, a.guidance, prediction,
-                                          checkpoint=a.checkpoint, grad_steps=grad_steps,
+        x_student = sample_ddim_with_grad(student, noise, log_snrs, student_states, mask, student_pooled, a.guidance,
+                                          prediction, checkpoint=a.checkpoint, grad_steps=grad_steps,
                                           detach_uncond=a.detach_uncond)
         align, probs, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
                                              shares, real_toward, offsets)
@@ -158,6 +175,8 @@ def make_aligned(cfg, d):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update_parameters(student)
+        if text_student is not None:
+            state["text_ema"].update_parameters(text_student)
         running = fractions if running is None else 0.9 * running + 0.1 * fractions
         loop.bar.set_postfix(align=f"{align.item():.3f}", clip=f"{clip.item():.3f}",
                              **{c.replace(" ", "_"): f"{share:.2f}" for c, share in zip(classes, running.tolist())})
