@@ -180,6 +180,8 @@ class ClassifierConfig:
 @dataclass
 class AlignConfig:
     lambda_clip: float = opt(0.5, "weight of the CLIP-consistency (distillation) loss", ge=0)
+    lambda_null: float = opt(0.0, "weight of the term that holds the null caption's prediction at the frozen "
+                                  "model's (mean squared distance at the steps that carry gradient)", ge=0)
     target_female: typing.Optional[float] = opt(None, "target female share (default: the target corpus')",
                                                 ge=0, le=1)
     loss: str = opt("dal", "alignment loss", flag="--align-loss", choices=("dal", "kl"))

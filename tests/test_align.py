@@ -81,6 +81,21 @@ def test_lora_targets_choose_the_layers_that_move(tiny_base, tmp_path):
     assert moved == {"kv", "film"}
 
 
+def test_lambda_null_weighs_the_null_caption_drift_into_the_loss(tiny_base, tmp_path):
+    """The same tuning with and without --lambda-null: the drift is measured (and logged) only when it weighs,
+    and weighing it changes what the tuning makes (`differentiable_sampler.null_drift` is tested there)."""
+    def tune(lambda_null):
+        run = copy_run(tiny_base, tmp_path / f"null{lambda_null}")
+        align.main(TINY + ["--run", str(run), "--align-lr", "3e-2", "--align-steps", "2", "--lambda-null",
+                           str(lambda_null), "--no-report"])
+        drifts = [r["null_drift"] for r in map(json.loads, open(run / "log.jsonl")) if r.get("task") == "align"]
+        return load_checkpoint(run / "aligned.pt")["ema"], drifts
+
+    (free, free_drifts), (held, held_drifts) = tune(0), tune(1e6)
+    assert free_drifts == [0, 0] and all(d > 0 for d in held_drifts[1:])  # the adapters start at the frozen model
+    assert any(not torch.equal(free[k], held[k]) for k in free)
+
+
 def test_text_targets_tune_a_copy_of_the_text_encoder_that_sampling_reads(tiny_base, tmp_path):
     run = copy_run(tiny_base, tmp_path / "run")
     align.main(TINY + ["--run", str(run), "--align-lr", "1e-2", "--align-steps", "2", "--lora-targets", "text",

@@ -1,5 +1,6 @@
 """The differentiable sampler behind alignment tuning (`minimedi.differentiable_sampler`): its forward against the plain
 DDIM sampler, its gradients against single-step ones and hand algebra, and its memory under checkpointing."""
+import copy
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn as nn
 from minimedi.config import make_config
 from minimedi.diffusion import alpha_sigma, make_denoiser, sample_ddim, sampling_log_snrs
 from minimedi.differentiable_sampler import chain_factors, random_grad_steps, sample_ddim_teacher, sample_ddim_with_grad
-from minimedi.lora import inject_lora
+from minimedi.lora import LoRALinear, inject_lora
 from minimedi.unet import UNet, token_mask
 
 TEXT_DIM, POOLED_DIM = 24, 20
@@ -48,14 +49,14 @@ def test_forward_equals_the_plain_sampler_and_the_teacher(prediction):
     tokens, mask, pooled = text()
     with torch.no_grad():
         plain = sample_ddim(make_denoiser(unet, tokens, mask, pooled, 3.0, prediction, threshold=0), x_T, log_snrs)
-    ours = sample_ddim_with_grad(unet, x_T, log_snrs, tokens, mask, pooled, 3.0, prediction)
+    ours, _ = sample_ddim_with_grad(unet, x_T, log_snrs, tokens, mask, pooled, 3.0, prediction)
     assert torch.equal(ours, plain)
     assert torch.equal(sample_ddim_teacher(unet, x_T, log_snrs, tokens, mask, pooled, 3.0, prediction), plain)
 
 
 def test_gradients_reach_the_adapters_and_nothing_else():
     unet, params, x_T = lora_unet_and_noise()
-    out = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(3), *text(), guidance=2.0)
+    out, _ = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(3), *text(), guidance=2.0)
     out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     adapter_ids = {id(p) for p in params}
@@ -68,7 +69,8 @@ def test_checkpointing_changes_no_gradient():
     for use_checkpoint in (True, False):
         for p in params:
             p.grad = None
-        out = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(3), *text(), guidance=2.0, checkpoint=use_checkpoint)
+        out, _ = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(3), *text(), guidance=2.0,
+                                       checkpoint=use_checkpoint)
         out.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in params]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
@@ -77,7 +79,7 @@ def test_checkpointing_changes_no_gradient():
 def adapter_grad(unet, params, x_T, grad_steps):
     for p in params:
         p.grad = None
-    out = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(4), *text(), guidance=2.0, grad_steps=grad_steps)
+    out, _ = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(4), *text(), guidance=2.0, grad_steps=grad_steps)
     out.square().mean().backward()
     return out.detach(), torch.cat([p.grad.flatten() for p in params])
 
@@ -169,7 +171,8 @@ def test_rescaling_on_a_linear_toy_where_the_factors_are_known(prediction, sched
     pixels = x_T.numel()
     for rescale, expected in ((False, factors), (True, [math.copysign(1 / 5, a) for a in factors])):
         toy = PerStepToy(log_snrs)
-        out = sample_ddim_with_grad(toy, x_T, log_snrs, *text(), guidance=3.0, prediction=prediction, rescale=rescale)
+        out, _ = sample_ddim_with_grad(toy, x_T, log_snrs, *text(), guidance=3.0, prediction=prediction,
+                                       rescale=rescale)
         out.sum().backward()
         torch.testing.assert_close(toy.theta.grad.double() / pixels, torch.tensor(expected, dtype=torch.float64),
                                    rtol=1e-4, atol=1e-6)
@@ -193,7 +196,7 @@ def test_detach_uncond_stops_the_gradient_at_the_null_caption_branch_only():
     outs, grads = [], []
     for detach in (False, True):
         toy = BranchToy()
-        out = sample_ddim_with_grad(toy, x_T, log_snrs, *text(), guidance=w, detach_uncond=detach)
+        out, _ = sample_ddim_with_grad(toy, x_T, log_snrs, *text(), guidance=w, detach_uncond=detach)
         out.sum().backward()
         outs.append(out.detach())
         grads.append((toy.theta_cond.grad, toy.theta_uncond.grad))
@@ -202,3 +205,37 @@ def test_detach_uncond_stops_the_gradient_at_the_null_caption_branch_only():
     torch.testing.assert_close(uncond / cond, torch.tensor((1 - w) / w))  # -2/3 at w = 3: the leak
     torch.testing.assert_close(cond_detached, cond)
     assert uncond_detached is None or uncond_detached == 0
+
+
+def test_null_drift_measures_the_null_branch_alone_against_the_anchor():
+    """BranchToy's null-caption prediction differs from a zero anchor's by theta_uncond everywhere, so the drift
+    is theta_uncond^2 at every step that carries gradient, and its gradient reaches theta_uncond only."""
+    log_snrs, x_T = sampling_log_snrs(4), torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    anchor, toy = BranchToy().requires_grad_(False), BranchToy()
+    with torch.no_grad():
+        toy.theta_cond.fill_(0.7)
+        toy.theta_uncond.fill_(0.3)
+    for detach in (False, True):
+        toy.zero_grad(set_to_none=True)
+        out, drift = sample_ddim_with_grad(toy, x_T, log_snrs, *text(), guidance=3.0, grad_steps={1, 3},
+                                           detach_uncond=detach, null_anchor=anchor)
+        torch.testing.assert_close(drift, torch.tensor(0.09))
+        drift.backward()
+        torch.testing.assert_close(toy.theta_uncond.grad, torch.tensor(0.6))  # d/dtheta theta^2
+        assert toy.theta_cond.grad is None or toy.theta_cond.grad == 0
+    _, none = sample_ddim_with_grad(toy, x_T, log_snrs, *text(), guidance=3.0)
+    assert none.item() == 0 and not none.requires_grad
+
+
+def test_null_drift_is_zero_until_the_adapters_move_and_then_reaches_them():
+    unet, params, x_T = lora_unet_and_noise()
+    for adapter in (m for m in unet.modules() if isinstance(m, LoRALinear)):
+        adapter.lora_B.data.zero_()  # the adapters' state at injection: the UNet computes the anchor's function
+    anchor = copy.deepcopy(unet).requires_grad_(False)
+    _, drift = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(3), *text(), guidance=2.0, null_anchor=anchor)
+    assert drift.item() < 1e-10  # rounding alone: the anchor runs the null rows in a batch of their own
+    for p in params:
+        p.data.normal_(0, 0.05)
+    _, drift = sample_ddim_with_grad(unet, x_T, sampling_log_snrs(3), *text(), guidance=2.0, null_anchor=anchor)
+    drift.backward()
+    assert drift.item() > 0 and all(p.grad is not None for p in params)

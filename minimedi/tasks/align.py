@@ -14,7 +14,9 @@ and prompt (DESIGN.md, "Alignment tuning"; Shen et al. 2024). Per step:
      top M r (randomized rounding) to "female" (optimal transport to the prompt's target share r: the target
      corpus' share, or 1 / 0 for a prompt naming a woman / a man); the loss pulls each image, from either
      side, to the classifier's reading of its matched real target image (--align-cap, `fairness.py`);
-  3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))).
+  3. loss = alignment + lambda_clip * (1 - cos(CLIP_img(student), CLIP_img(teacher))), plus, with
+     --lambda-null, lambda_null times how far the student's null-caption prediction has moved from the
+     teacher's (`differentiable_sampler.null_drift`; 0 by default: holding it did not help, README).
 
 aligned.pt holds the EMA of the tuned weights with the adapters merged, so it loads like diffusion.pt
 (`python sample.py --model aligned`), and the student, optimiser and generators for an exact resume.
@@ -138,7 +140,7 @@ def make_aligned(cfg, d):
     log_snrs = diffusion.sampling_log_snrs(a.ddim_steps, teacher.diffusion.schedule, d.device)
     log = training.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"))
     goal = ", ".join(f"{c} {share:.3f}" for c, share in zip(classes, shares))
-    print(f"aligning to the shares {goal} ({a.loss} loss, lambda_clip {a.lambda_clip}, "
+    print(f"aligning to the shares {goal} ({a.loss} loss, lambda_clip {a.lambda_clip}, lambda_null {a.lambda_null}, "
           f"{'full UNet' if a.full else f'LoRA rank {a.lora_rank}'}; {a.batch // a.per_prompt} prompts x "
           f"{a.per_prompt} images a step, {'within each prompt' if a.per_prompt_ot else 'one OT over the batch'}, "
           f"{named_share:.0%} naming sex, cap {a.cap if real_toward is not None else 'none'})")
@@ -156,9 +158,10 @@ def make_aligned(cfg, d):
             student_states, _, student_pooled = encoder.encode_with(text_student, captions)
         noise = torch.randn((a.batch, 1, size, size), generator=g).to(d.device)
         grad_steps = random_grad_steps(a.ddim_steps, a.grad_steps, g)
-        x_student = sample_ddim_with_grad(student, noise, log_snrs, student_states, mask, student_pooled, a.guidance,
-                                          prediction, checkpoint=a.checkpoint, grad_steps=grad_steps,
-                                          detach_uncond=a.detach_uncond)
+        x_student, drift = sample_ddim_with_grad(student, noise, log_snrs, student_states, mask, student_pooled,
+                                                 a.guidance, prediction, checkpoint=a.checkpoint, grad_steps=grad_steps,
+                                                 detach_uncond=a.detach_uncond,
+                                                 null_anchor=teacher.unet if a.lambda_null > 0 else None)
         align, probs, stats = alignment_loss(cfg, classifier, x_student, groups.to(d.device), prompt_shares,
                                              shares, real_toward, offsets)
         fractions = class_shares(probs.argmax(-1), len(shares))
@@ -169,6 +172,7 @@ def make_aligned(cfg, d):
             x_teacher = sample_ddim_teacher(teacher.unet, noise, log_snrs, states, mask, pooled, a.guidance, prediction)
             clip = fairness.clip_consistency_loss(encoder.clip, x_student, x_teacher)
             loss = align + a.lambda_clip * clip
+        loss = loss + a.lambda_null * drift
         loop.check_finite(loss, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,7 +184,7 @@ def make_aligned(cfg, d):
         running = fractions if running is None else 0.9 * running + 0.1 * fractions
         loop.bar.set_postfix(align=f"{align.item():.3f}", clip=f"{clip.item():.3f}",
                              **{c.replace(" ", "_"): f"{share:.2f}" for c, share in zip(classes, running.tolist())})
-        log(task="align", step=step + 1, align_loss=align, clip_loss=clip,
+        log(task="align", step=step + 1, align_loss=align, clip_loss=clip, null_drift=drift,
             class_fractions=dict(zip(classes, fractions.tolist())), **stats,
             running_class_fractions=dict(zip(classes, running.tolist())), sequence_female=focus.shares())
     loop.finish()
