@@ -42,12 +42,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True)
     run = parser.parse_args().run
-    readers = {name: load_classifier(os.path.join(run, f"{name}.pt"), "cpu")[0] for name in ("classifier", "sex_check")}
-    real = classifier_reference(load_classifier(os.path.join(run, "classifier.pt"), "cpu")[1])
+    classifier, ckpt = load_classifier(os.path.join(run, "classifier.pt"), "cpu")
+    readers = {"classifier": classifier, "sex_check": load_classifier(os.path.join(run, "sex_check.pt"), "cpu")[0]}
+    real = classifier_reference(ckpt)  # the real slices neither classifier trained on
+    real_images = real.images.float()
     real_modality = np.array([a["modality"] for a in real.attributes])
     real_size = np.array([a["tumor_size"] for a in real.attributes])
-    real_area, real_bright = head_area(real.images.float()).numpy(), bright_area(real.images.float())
-    real_read = {r: calibrated_log_odds(c, real.images.float()).numpy() > 0 for r, c in readers.items()}
+    real_area, real_bright = head_area(real_images).numpy(), bright_area(real_images)
+    real_read = {r: calibrated_log_odds(c, real_images).numpy() > 0 for r, c in readers.items()}
     sets = {"held-out": evaluation_prompts(), "tuning": tuning_prompts()}
     sequences = list(dict.fromkeys(p["modality"] for p in sets["held-out"]))
     sizes = {"all": ("small", "large"), "small": ("small",), "large": ("large",)}
